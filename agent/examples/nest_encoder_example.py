@@ -89,5 +89,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    try:
+        return main()
+    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    virtual environment + install + the main job
+#   make test   virtual environment + install + the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nestvox-installed
+# Debian packages: speech synthesis and conversion for tests, PortAudio for the mic client.
+DEBS := espeak-ng sox libsndfile1 libportaudio2
+DEMO := .cache/random-tiny
+
+.PHONY: run test setup debs clean
+
+setup: debs $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+# torch is pinned to 2.13.0 in pyproject.toml: pip takes the local CPU wheel
+# (an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+run: setup
+	@test -f $(DEMO)/config.json || $(PY) -m agent.ultravox.build --out $(DEMO)
+	@mkdir -p .cache && espeak-ng -w .cache/hello.wav "turn on the lights in the kitchen"
+	$(PY) -m agent.examples.nest_encoder_example --checkpoint $(DEMO) --audio-file .cache/hello.wav --layers all
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
