@@ -106,7 +106,8 @@ def compare_compile(dtype: torch.dtype, min_time: float) -> None:
     """Is torch.compile(stack_fuse_reference) worth it on CPU? Measured on the
     larger shapes, where it has the best chance; compile time shown apart."""
     print("\nCPU: torch.compile(stack_fuse_reference) vs eager reference (forward, no grad)")
-    header = f"{'K':>3} {'D':>5} {'T':>4} {'S':>2} | {'eager us':>9} {'compiled us':>11} {'speedup':>7} | compile s"
+    header = f"{'K':>3} {'D':>5} {'T':>4} {'S':>2} | {'eager us':>9} {'compiled us':>11} {'speedup':>7} | " \
+             f"compile s | bit-equal"
     print(header)
     print("-" * len(header))
     gen = torch.Generator().manual_seed(1)
@@ -121,7 +122,9 @@ def compare_compile(dtype: torch.dtype, min_time: float) -> None:
             t_compile = time.perf_counter() - start
             t_e = time_us(lambda: stack_fuse_reference(hidden, weights, S), min_time)
             t_c = time_us(lambda: compiled(hidden, weights, S), min_time)
-        print(f"{K:>3} {D:>5} {T:>4} {S:>2} | {t_e:>9.1f} {t_c:>11.1f} {t_e / t_c:>6.2f}x | {t_compile:.1f}")
+            same = torch.equal(compiled(hidden, weights, S), stack_fuse_reference(hidden, weights, S))
+        print(f"{K:>3} {D:>5} {T:>4} {S:>2} | {t_e:>9.1f} {t_c:>11.1f} {t_e / t_c:>6.2f}x | "
+              f"{t_compile:>9.1f} | {same}")
 
 
 if __name__ == "__main__":

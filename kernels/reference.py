@@ -34,14 +34,19 @@ def stack_fuse_reference(hidden: torch.Tensor, weights: torch.Tensor, stack: int
     check_inputs(hidden, weights, stack)
     K, B, T, D = hidden.shape
     acc_dtype = accumulation_dtype(hidden.dtype)
-    # weights in the accumulation dtype make the product fp32 for fp16/bf16
-    # input (tensor-tensor promotion), so products and sum are both fp32.
-    # ATen's CPU sum over the outermost dim accumulates each output element in
-    # an order fixed by K alone (never by T, never across elements; threads
-    # split the output), so chunked streaming is bit-identical to one call.
-    # (A BLAS gemv is ~3x faster at K=17 but MKL promises no reproducibility
-    # across alignments or sizes.)
-    fused = (weights.to(acc_dtype).view(K, 1, 1, 1) * hidden).sum(dim=0).to(hidden.dtype)
+    # [K,1,1,1] weights in the accumulation dtype: tensor-tensor promotion
+    # makes the products fp32 even for fp16/bf16 hidden.
+    products = (weights.to(acc_dtype).view(K, 1, 1, 1) * hidden).unbind(0)
+    # Left-to-right elementwise adds, not .sum(0): every output element is then
+    # the same sequence of IEEE operations whatever T, memory layout, SIMD
+    # tail or thread split, so chunked streaming is bit-identical to one call.
+    # (ATen's sum(0) was measured to change bits with T at K=33; a BLAS gemv
+    # is faster but MKL promises no reproducibility across sizes/alignment.)
+    # unbind, not indexing: its backward stacks the K grads in one copy.
+    fused = products[0]
+    for k in range(1, K):
+        fused = fused + products[k]
+    fused = fused.to(hidden.dtype)
     groups = num_groups(T, stack)
     pad = groups * stack - T
     if pad:
