@@ -207,12 +207,12 @@ class StreamingNestEncoder:
 
     @property
     def lookahead_ms(self) -> float:
-        """Audio past a chunk's end needed before it can run: the STFT half window, and
-        for causal subsampling the one extra mel frame of its first chunk's schedule."""
-        extra = 1000.0 * self.mel.lookahead_samples() / self.sample_rate
-        if self.plan.first_mel != self.plan.step_mel:
-            extra -= 1000.0 * self.hop * (self.plan.step_mel - self.plan.first_mel) / self.sample_rate
-        return max(extra, 0.0)
+        """Audio past a chunk's 80 ms grid end needed before the chunk can run: the
+        STFT half window; causal subsampling runs its chunks 7 mel frames early
+        (first chunk 1+8R frames), which makes this negative."""
+        stft = 1000.0 * self.mel.lookahead_samples() / self.sample_rate
+        early = 1000.0 * self.hop * (self.plan.step_mel - self.plan.first_mel) / self.sample_rate
+        return stft - early
 
     @property
     def latency_ms(self) -> float:
