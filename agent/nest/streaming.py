@@ -265,6 +265,10 @@ class StreamingNestEncoder:
         """
         if len(audio) != len(states):
             raise ValueError(f"{len(states)} states but {len(audio)} audio entries")
+        # Subnormal floats appear in the first steps after zero-initialized caches
+        # and made each of them 30-40x slower on x86 CPUs (measured: 3 s vs 0.1 s
+        # per NEST-L step). Flushing them changes values by < 1e-38.
+        torch.set_flush_denormal(True)
         final = list(final) if final is not None else [False] * len(states)
         states = list(states)
         for i, (state, samples) in enumerate(zip(states, audio)):

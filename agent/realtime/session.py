@@ -1,0 +1,284 @@
+"""Session: one conversation that pre-fills the LLM while the user speaks.
+
+State, all explicit: the turn's encoder stream state, the leftover frames of the
+stacking buffer, the LLM's KV cache (`LLMState`) and the conversation so far.
+
+    session = Session(model, tokenizer, streamer, system_prompt="Answer briefly.")
+    session.start_turn()                 # pre-fills the template up to the audio
+    session.feed(packet)                 # encodes complete chunks, pre-fills their embeddings
+    ...
+    session.end_turn()                   # flush: last group + the rest of the user turn + assistant header
+    for delta in session.reply():        # greedy or sampled, text deltas
+        ...
+
+`feed` runs the encoder for this session alone; the engine instead batches the
+encoder step of many sessions and hands each its frames (`accept_frames`). The
+reply is kept in the cache (re-tokenized as the offline path would see it), so
+the next turn pre-fills only its new tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from agent.realtime.chat_prompt import assistant_turn_ids, user_content, user_turn_ids
+from agent.realtime.detokenize import IncrementalDetokenizer
+from agent.realtime.llm_state import ContextFull, LLMState
+from agent.realtime.sampling import GenerationSettings, Sampler, stop_ids
+from kernels import StackCarry, stack_fuse_flush, stack_fuse_stream
+
+
+class TurnTooLong(RuntimeError):
+    """The current turn alone does not fit the LLM's context budget."""
+
+
+@dataclass
+class TurnTimes:
+    """perf_counter stamps of one turn (None until reached)."""
+
+    speech_end: Optional[float] = None  # end of speech detected (VAD) or commit
+    encoder_done: Optional[float] = None  # last encoder step (flush) done
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+
+    def latency_ms(self) -> Dict[str, Optional[float]]:
+        def ms(a, b):
+            return None if a is None or b is None else round(1000 * (b - a), 2)
+
+        return {
+            "speech_end_to_encoder_done": ms(self.speech_end, self.encoder_done),
+            "speech_end_to_first_token": ms(self.speech_end, self.first_token),
+            "first_token_to_last_token": ms(self.first_token, self.last_token),
+            "speech_end_to_last_token": ms(self.speech_end, self.last_token),
+        }
+
+
+@dataclass
+class Turn:
+    """The user turn in progress."""
+
+    encoder_state: object  # EncoderStreamState
+    carry: StackCarry
+    start_position: int  # KV positions before this turn's `before` ids
+    audio_position: int  # KV position of the first audio embedding
+    embeddings: List[torch.Tensor] = field(default_factory=list)  # kept to rebuild after a context reset
+    audio_positions: int = 0
+    ended: bool = False
+    times: TurnTimes = field(default_factory=TurnTimes)
+
+
+@dataclass
+class ReplyResult:
+    text: str
+    token_ids: List[int]
+    status: str  # "completed", "cancelled", "incomplete"
+    reason: Optional[str] = None  # "max_output_tokens", "max_context", ...
+
+
+class Session:
+    def __init__(self, model, tokenizer, streamer, system_prompt: Optional[str] = None, user_text: str = "",
+                 settings: Optional[GenerationSettings] = None, max_positions: Optional[int] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.streamer = streamer
+        self.system_prompt = system_prompt or None
+        self.user_text = user_text  # text before the audio in each user message ("" = audio only)
+        self.placeholder = model.config.audio_placeholder
+        self.stack = model.config.stack_factor
+        self.llm = LLMState(model.language_model, max_positions)
+        default_stops = stop_ids(tokenizer.eos_token_id, model.language_model.generation_config.eos_token_id)
+        self.settings = settings or GenerationSettings(max_new_tokens=64)
+        if not self.settings.stop_token_ids:
+            self.settings = self.settings.replace(stop_token_ids=default_stops)
+        self.history: List[dict] = []  # the conversation in the cache, as the offline path renders it
+        self.turn: Optional[Turn] = None
+        self.last_reply: Optional[ReplyResult] = None
+        self._cancel = False
+
+    # -- settings ----------------------------------------------------------------
+    def set_instructions(self, system_prompt: Optional[str]) -> None:
+        """A new system prompt re-renders the conversation: the cache restarts empty."""
+        system_prompt = system_prompt or None
+        if system_prompt != self.system_prompt:
+            if self.turn is not None and not self.turn.ended:
+                raise RuntimeError("cannot change the instructions in the middle of a user turn")
+            self.system_prompt = system_prompt
+            self.history = []
+            self.llm.reset()
+
+    # -- the user turn ---------------------------------------------------------------
+    @property
+    def listening(self) -> bool:
+        return self.turn is not None and not self.turn.ended
+
+    def _user_ids(self):
+        return user_turn_ids(self.tokenizer, self.history, user_content(self.user_text, self.placeholder),
+                             self.system_prompt, self.placeholder)
+
+    def start_turn(self) -> None:
+        """Begin a user turn: pre-fill the template's text up to the audio now, so
+        nothing of it is left for the end of the turn."""
+        if self.listening:
+            raise RuntimeError("a user turn is already in progress")
+        ids = self._user_ids()
+        start = self.llm.positions
+        try:
+            self.llm.prefill_ids(ids.before)
+        except ContextFull:
+            self._restart_conversation()
+            start = 0
+            ids = self._user_ids()
+            self.llm.prefill_ids(ids.before)
+        self.turn = Turn(encoder_state=self.streamer.init_state(), carry=None, start_position=start,
+                         audio_position=self.llm.positions)
+
+    def feed(self, audio: torch.Tensor) -> int:
+        """This session alone: encode the complete chunks of `audio` and pre-fill them.
+        Returns the number of audio positions pre-filled."""
+        if not self.listening:
+            self.start_turn()
+        (state,), (frames,) = self.streamer.step([self.turn.encoder_state], [audio])
+        self.turn.encoder_state = state
+        return self.accept_frames(frames)
+
+    def accept_frames(self, frames: torch.Tensor) -> int:
+        """New encoder frames `[K, t, D]` of this turn: stack complete groups, project
+        them and pre-fill the embeddings at once."""
+        turn = self.turn
+        hidden = frames.unsqueeze(1)  # [K, 1, t, D]
+        weights = self.model.projector.fusion_weights().to(hidden.dtype)
+        turn.carry, groups = stack_fuse_stream(turn.carry, hidden, weights, self.stack)
+        return self._prefill_groups(groups)
+
+    def _prefill_groups(self, groups: torch.Tensor) -> int:
+        if groups.shape[1] == 0:
+            return 0
+        with torch.no_grad():
+            embeds = self.model.projector.project(groups.to(self.model.dtype))[0]  # [n, H]
+        self.turn.embeddings.append(embeds)
+        try:
+            self.llm.prefill_embeds(embeds)
+        except ContextFull:
+            self._restart_conversation()
+            self.turn.embeddings.append(embeds)  # re-prefilled with the rest
+            self._replay_turn()
+        self.turn.audio_positions += embeds.shape[0]
+        return embeds.shape[0]
+
+    def end_turn(self, speech_end: Optional[float] = None, frames: Optional[torch.Tensor] = None) -> None:
+        """End of the user turn: flush the encoder (unless the engine already did and
+        passes its `frames`), the partial frame group, and pre-fill the rest of the
+        user turn and the assistant header."""
+        turn = self.turn
+        if turn is None or turn.ended:
+            raise RuntimeError("no user turn in progress")
+        turn.times.speech_end = speech_end if speech_end is not None else time.perf_counter()
+        if frames is None:
+            (state,), (frames,) = self.streamer.flush([turn.encoder_state])
+            turn.encoder_state = state
+        turn.times.encoder_done = time.perf_counter()
+        self.accept_frames(frames)
+        if turn.carry is not None and turn.carry.pending:
+            weights = self.model.projector.fusion_weights().to(turn.carry.frames.dtype)
+            self._prefill_groups(stack_fuse_flush(turn.carry, weights, self.stack))
+        if turn.audio_positions == 0:
+            raise ValueError("the turn holds no audio (less than one encoder frame): nothing to answer")
+        after = self._user_ids().after
+        try:
+            self.llm.prefill_ids(after)
+        except ContextFull:
+            self._restart_conversation()
+            self._replay_turn()
+            self.llm.prefill_ids(after)
+        turn.ended = True
+        self.history.append({"role": "user", "content": user_content(self.user_text, self.placeholder)})
+
+    def _restart_conversation(self) -> None:
+        """The context budget is full: forget the earlier turns (the system prompt
+        stays), so the conversation continues with the current turn alone."""
+        self.history = []
+        self.llm.reset()
+
+    def _replay_turn(self) -> None:
+        """Pre-fill the current turn again after a restart: template text + its audio."""
+        ids = self._user_ids()
+        total = len(ids.before) + sum(e.shape[0] for e in self.turn.embeddings)
+        if not self.llm.fits(total + len(ids.after) + 1):
+            raise TurnTooLong(f"this turn needs {total + len(ids.after)} positions but the context budget is "
+                              f"{self.llm.max_positions}: shorten the turn (max turn length) or raise the budget")
+        self.turn.start_position = 0
+        self.llm.prefill_ids(ids.before)
+        self.turn.audio_position = self.llm.positions
+        for e in self.turn.embeddings:
+            self.llm.prefill_embeds(e)
+
+    # -- the reply -----------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the running reply at the next token (barge-in, response.cancel)."""
+        self._cancel = True
+
+    def reply(self, settings: Optional[GenerationSettings] = None) -> Iterator[str]:
+        """Decode the reply, yielding text deltas; one model step per `next()`. The
+        reply then goes into the history and the cache (see `last_reply`)."""
+        settings = settings or self.settings
+        if not settings.stop_token_ids:
+            settings = settings.replace(stop_token_ids=self.settings.stop_token_ids)
+        turn = self.turn
+        if turn is None or not turn.ended:
+            raise RuntimeError("end the user turn before replying")
+        sampler = Sampler(settings)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        reply_start = self.llm.positions
+        logits = self.llm.last_logits
+        emitted: List[int] = []
+        status, reason = "completed", None
+        self._cancel = False
+        while True:
+            if self._cancel:
+                status, reason = "cancelled", "turn_detected"
+                break
+            token = sampler(logits)
+            if turn.times.first_token is None:
+                turn.times.first_token = time.perf_counter()
+            emitted.append(token)
+            if sampler.is_stop(token):
+                break
+            delta = detok.push(token)
+            if delta:
+                yield delta
+            if len(emitted) >= settings.max_new_tokens:
+                status, reason = "incomplete", "max_output_tokens"
+                break
+            try:
+                logits = self.llm.decode_step(token)
+            except ContextFull:
+                status, reason = "incomplete", "max_context"
+                break
+        rest = detok.flush()
+        if rest:
+            yield rest
+        turn.times.last_token = time.perf_counter()
+        text = detok.text
+        self._close_reply(reply_start, emitted, text)
+        self.last_reply = ReplyResult(text, emitted, status, reason)
+
+    def _close_reply(self, reply_start: int, emitted: List[int], text: str) -> None:
+        """Put the reply into the cache as the offline path would tokenize it, plus the
+        template's end of turn, so the next turn pre-fills only new tokens."""
+        ids = assistant_turn_ids(self.tokenizer, self.history, text, self.system_prompt)
+        fed = emitted[:-1] if emitted else []  # every emitted token but the last went through the LLM
+        fed = fed[: self.llm.positions - reply_start]
+        if ids.reply[: len(fed)] == fed:
+            todo = ids.reply[len(fed):] + ids.closing
+        else:  # the model spelled the reply unlike the tokenizer would: re-pre-fill it canonically
+            self.llm.truncate(reply_start)
+            todo = ids.reply + ids.closing
+        try:
+            self.llm.prefill_ids(todo)
+        except ContextFull:  # not even the reply fits: the next turn starts a fresh conversation
+            self._restart_conversation()
+            return
+        self.history.append({"role": "assistant", "content": text})
