@@ -196,6 +196,13 @@ class Session:
         turn.ended = True
         self.history.append({"role": "user", "content": user_content(self.user_text, self.placeholder)})
 
+    def abort_turn(self) -> None:
+        """Drop the user turn in progress (the client cleared its audio): its
+        pre-filled positions leave the cache, the conversation stays."""
+        if self.turn is not None and not self.turn.ended:
+            self.llm.truncate(min(self.turn.start_position, self.llm.positions))
+        self.turn = None
+
     def _restart_conversation(self) -> None:
         """The context budget is full: forget the earlier turns (the system prompt
         stays), so the conversation continues with the current turn alone."""

@@ -1,0 +1,143 @@
+"""End-of-speech to first token: the streaming session against the offline baseline.
+
+    python -m agent.bench ttft [--seconds 2,5,10,20] [--chunk-ms 320] [--repeats 3] [--nest large] [--llm bench]
+
+One process, one model (random weights are fine for timing): a NEST-L-shaped
+streaming encoder and a ~150M-parameter Llama-style LLM. For each utterance
+length the session is fed the audio in chunk-sized packets (pre-filling as it
+goes; that time is not counted), then the clock starts at end of speech:
+
+* session: flush the last partial chunk, pre-fill the last audio group and the
+  assistant header, pick the first token;
+* offline: featurize + encode the whole utterance, pre-fill the whole prompt,
+  pick the first token (what Ultravox does);
+* floor: one encoder step of one chunk + the header pre-fill + one decode step,
+  the least any streaming design pays after the user stops.
+
+Medians over `--repeats`, side by side, with the ratios the targets speak of.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+SR = 16000
+SYSTEM = "You are a helpful voice assistant. Answer briefly."
+
+
+def build(nest: str, llm: str, chunk_frames: int, left_frames: int):
+    """An in-memory Ultravox model with a streaming NEST tower and its inference wrapper."""
+    from agent.nest import NestEncoder
+    from agent.nest.configs import nest_model_config
+    from agent.ultravox import UltravoxConfig, UltravoxInference, UltravoxModel
+    from agent.ultravox.text_models import build_llama, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    tower = NestEncoder(nest_model_config(nest, streaming=True, att_context_size=[left_frames, chunk_frames - 1]),
+                        layer="all")
+    language_model = build_llama(tokenizer, size=llm, vocab_size=32000 if llm == "bench" else None)
+    config = UltravoxConfig(audio_config={"model_type": "nest", "layers": "all"}, text_config=language_model.config,
+                            stack_factor=8, audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"))
+    model = UltravoxModel(config, audio_tower=tower, language_model=language_model).eval()
+    return UltravoxInference.from_model(model, tokenizer), tokenizer
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    return (rng.standard_normal(n) * 0.1 * (0.2 + np.abs(np.sin(np.arange(n) / SR * 3)))).astype(np.float32)
+
+
+def session_ttft(inference, streamer, audio: np.ndarray, chunk_samples: int) -> float:
+    from agent.realtime.sampling import GenerationSettings
+    from agent.realtime.session import Session
+
+    session = Session(inference.model, inference.tokenizer, streamer, system_prompt=SYSTEM,
+                      settings=GenerationSettings(max_new_tokens=1))
+    session.start_turn()
+    wave = torch.from_numpy(audio)
+    for i in range(0, wave.numel(), chunk_samples):
+        session.feed(wave[i:i + chunk_samples])  # while the user talks: not counted
+    start = time.perf_counter()
+    session.end_turn(speech_end=start)
+    next(iter(session.reply()), None)
+    times = session.turn.times
+    return times.first_token - start
+
+
+def floor_ttft(inference, streamer, chunk_samples: int) -> float:
+    """One encoder step of one chunk + the header pre-fill + one decode step."""
+    from agent.realtime.llm_state import LLMState
+
+    llm = LLMState(inference.model.language_model)
+    llm.prefill_ids(list(range(3, 40)))
+    after = inference.tokenizer("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    state = streamer.init_state()
+    (state,), _ = streamer.step([state], [torch.from_numpy(speech_like(0.5, 9))])
+    piece = torch.from_numpy(speech_like(chunk_samples / SR, 10))
+    start = time.perf_counter()
+    streamer.step([state], [piece])
+    llm.prefill_ids(after)
+    llm.decode_step(5)
+    return time.perf_counter() - start
+
+
+def ttft(args) -> None:
+    from agent.nest.streaming import StreamingNestEncoder
+    from agent.realtime.baseline import offline_first_token
+
+    chunk = max(1, args.chunk_ms // 80)
+    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
+                                        left_context_frames=args.left_context_frames)
+    params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
+    print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
+          f"{torch.get_num_threads()} threads, medians of {args.repeats}", flush=True)
+    samples = chunk * 1280
+    # warm-up: allocations and kernel selection happen on first calls
+    session_ttft(inference, streamer, speech_like(1.0, 0), samples)
+    offline_first_token(inference, speech_like(1.0, 0), SYSTEM)
+    floor = statistics.median(floor_ttft(inference, streamer, samples) for _ in range(args.repeats))
+    rows = []
+    for seconds in [float(s) for s in args.seconds.split(",")]:
+        audio = speech_like(seconds, int(seconds))
+        sess = statistics.median(session_ttft(inference, streamer, audio, samples) for _ in range(args.repeats))
+        off = statistics.median(offline_first_token(inference, audio, SYSTEM)[1] for _ in range(args.repeats))
+        rows.append((seconds, sess, off))
+        print(f"  {seconds:>5.1f} s: session {1000 * sess:7.1f} ms, offline {1000 * off:7.1f} ms", flush=True)
+    header = f"{'utterance':>9} | {'session ms':>10} | {'offline ms':>10} | {'sess/off':>8} | {'sess/floor':>10}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for seconds, sess, off in rows:
+        print(f"{seconds:>8.0f}s | {1000 * sess:>10.1f} | {1000 * off:>10.1f} | {sess / off:>8.3f} | "
+              f"{sess / floor:>10.2f}")
+    print(f"floor (one {chunk * 80} ms encoder step + header pre-fill + one decode step): {1000 * floor:.1f} ms")
+    if len(rows) > 1:
+        print(f"session longest/shortest: {rows[-1][1] / rows[0][1]:.2f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("ttft", help="end of speech -> first token, session vs offline")
+    p.add_argument("--seconds", default="2,5,10,20")
+    p.add_argument("--chunk-ms", type=int, default=320)
+    p.add_argument("--left-context-frames", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nest", default="large", choices=["large", "tiny"])
+    p.add_argument("--llm", default="bench", choices=["tiny", "small", "bench"])
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+    if args.what == "ttft":
+        ttft(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Turn detection: when the user starts and stops talking.
+
+Two modes, as in the OpenAI Realtime API's `turn_detection`:
+
+- `server_vad`: Silero VAD probabilities per 32 ms window drive a small state
+  machine. Speech starts at the first window whose probability reaches
+  `threshold` (confirmed once it has lasted `min_speech_duration_ms`, so a click
+  does not start a turn); `SpeechStarted.sample` is that onset minus
+  `prefix_padding_ms` (never before the end of the previous turn). Speech stops
+  once the probability has stayed below `threshold - 0.15` (hysteresis, as
+  Silero's own iterator does) for `silence_duration_ms`; `SpeechStopped.sample`
+  is where that silence began, so a short pause inside an utterance does not end
+  the turn.
+- `manual`: nothing is detected (the VAD does not even run); the client ends a
+  turn with `commit()`.
+
+Barge-in: the caller sets `reply_active` while a reply is being generated; a
+`SpeechStarted` detected meanwhile has `barge_in=True` and the caller cancels
+the reply (the detector only reports it).
+
+All positions are sample indices at 16 kHz since the detector was created (or
+`reset`). Events are decided per window, so they are identical however the
+audio is split into packets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import numpy as np
+
+from agent.realtime.vad import SAMPLE_RATE, WINDOW, SileroVad, VadStream, as_float_audio
+
+MODES = ("server_vad", "manual")
+NEG_THRESHOLD_GAP = 0.15  # below threshold - gap counts as silence; in between keeps the current state
+SAMPLES_PER_MS = SAMPLE_RATE // 1000
+
+
+@dataclass(frozen=True)
+class TurnDetectionSettings:
+    """mode: "server_vad" or "manual".
+    threshold: speech probability in (0, 1) at which speech starts.
+    silence_duration_ms: silence that ends a turn (server_vad).
+    prefix_padding_ms: audio kept before the detected speech onset.
+    min_speech_duration_ms: speech shorter than this does not start a turn.
+    create_response / interrupt_response: what the session does on a turn end /
+        on barge-in (carried for the session; the detector reports either way)."""
+
+    mode: str = "server_vad"
+    threshold: float = 0.5
+    silence_duration_ms: int = 500
+    prefix_padding_ms: int = 300
+    min_speech_duration_ms: int = 64
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"turn detection mode must be one of {MODES}, got {self.mode!r}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+            raise ValueError(f"threshold must be a number in (0, 1), got {t!r}")
+        for name in ("silence_duration_ms", "prefix_padding_ms", "min_speech_duration_ms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+                raise ValueError(f"{name} must be a whole number of milliseconds >= 0, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("create_response", "interrupt_response"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        object.__setattr__(self, "threshold", float(t))
+
+    @property
+    def neg_threshold(self) -> float:
+        return max(self.threshold - NEG_THRESHOLD_GAP, 0.01)
+
+    @classmethod
+    def from_config(cls, config: Optional[dict]) -> "TurnDetectionSettings":
+        """From the protocol's `turn_detection` object: `{"type": "server_vad", "threshold": ...,
+        "silence_duration_ms": ..., "prefix_padding_ms": ...}`, or None for manual commit."""
+        if config is None:
+            return cls(mode="manual")
+        if not isinstance(config, dict):
+            raise ValueError(f"turn_detection must be an object or null, got {type(config).__name__}")
+        config = dict(config)
+        kind = config.pop("type", "server_vad")
+        if kind != "server_vad":
+            raise ValueError(f"turn_detection type must be 'server_vad' (or null for manual), got {kind!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"mode"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown turn_detection field(s) {unknown}; known: {sorted(known)}")
+        return cls(mode="server_vad", **config)
+
+    def to_config(self) -> Optional[dict]:
+        """The protocol's `turn_detection` object (None in manual mode)."""
+        if self.mode == "manual":
+            return None
+        fields = dataclasses.asdict(self)
+        del fields["mode"]
+        return {"type": "server_vad", **fields}
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """sample: first sample of the turn's audio (onset - prefix padding, not before the
+    previous turn's end); onset: first sample of the first speech window;
+    barge_in: a reply was running; detected_at: samples fed when it was detected."""
+
+    sample: int
+    onset: int
+    barge_in: bool
+    detected_at: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """sample: where the silence that ended the turn began; detected_at: samples fed
+    when it was detected (sample + silence_duration, rounded up to a window)."""
+
+    sample: int
+    detected_at: int
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    """The turn was ended by `commit()`; sample: the end of the committed audio."""
+
+    sample: int
+
+
+TurnEvent = Union[SpeechStarted, SpeechStopped, TurnCommitted]
+
+_IDLE, _ONSET, _SPEECH = "idle", "onset", "speech"
+
+
+class TurnDetector:
+    def __init__(self, settings: Optional[TurnDetectionSettings] = None, vad: Optional[SileroVad] = None):
+        """`vad`: shared Silero network (loaded on first need when None)."""
+        self.settings = settings or TurnDetectionSettings()
+        self._vad = vad
+        self.reply_active = False  # set by the caller while a reply is generated
+        self.reset()
+
+    # -- state -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: a new audio stream starting at sample 0."""
+        self.samples = 0  # samples fed so far
+        self._stream: Optional[VadStream] = None
+        self._origin = 0  # stream position of the VAD stream's first sample
+        self._floor = 0  # a turn's audio never starts before this (the previous turn's end)
+        self._clear_speech()
+
+    def _clear_speech(self) -> None:
+        self._state = _IDLE
+        self._onset = 0
+        self._silence_start: Optional[int] = None
+
+    @property
+    def in_speech(self) -> bool:
+        return self._state == _SPEECH
+
+    def speech_until(self, available: int) -> int:
+        """How far the audio is known to belong to the current turn: a running pause
+        is held back from its first window (it joins the turn only if speech
+        resumes), and samples not yet in a complete VAD window are undecided.
+        `available`: samples the caller holds. Manual mode: all of them."""
+        if self.settings.mode == "manual" or self._stream is None:
+            return available
+        if self._silence_start is not None:
+            return min(available, self._silence_start)
+        return min(available, self._origin + self._stream.samples)
+
+    def update_settings(self, settings: TurnDetectionSettings) -> None:
+        """New settings (e.g. `session.update`). Switching mode drops any speech in progress."""
+        if settings.mode != self.settings.mode:
+            self._clear_speech()
+            self._stream = None  # the VAD did not see the audio in between: start it afresh
+        self.settings = settings
+
+    def clear(self) -> None:
+        """The client dropped its uncommitted audio: no turn in progress, and the next
+        one starts after this point."""
+        self._clear_speech()
+        self._floor = self.samples
+
+    def commit(self) -> TurnCommitted:
+        """End the turn now (manual mode, or a client commit in server_vad mode)."""
+        self._clear_speech()
+        self._floor = self.samples
+        return TurnCommitted(sample=self.samples)
+
+    # -- audio -------------------------------------------------------------------
+    def feed(self, audio) -> List[TurnEvent]:
+        """Feed 16 kHz mono audio (float in [-1, 1] or int16) in packets of any size;
+        returns the events it completes, in order."""
+        audio = as_float_audio(audio)
+        if self.settings.mode == "manual":
+            self.samples += len(audio)
+            return []
+        if self._stream is None:
+            if self._vad is None:
+                self._vad = SileroVad()
+            self._stream = self._vad.new_stream()
+            self._origin = self.samples
+        first_window = self._origin + self._stream.samples
+        probs = self._vad.process(self._stream, audio)
+        self.samples += len(audio)
+        return self.push_probabilities(probs, first_window)
+
+    def push_probabilities(self, probs: np.ndarray, first_window: int) -> List[TurnEvent]:
+        """The state machine on its own: `probs[k]` is the speech probability of the
+        window starting at sample `first_window + k * 512` (for a caller that runs the
+        VAD itself, e.g. batched across sessions)."""
+        s = self.settings
+        events: List[TurnEvent] = []
+        silence = s.silence_duration_ms * SAMPLES_PER_MS
+        min_speech = s.min_speech_duration_ms * SAMPLES_PER_MS
+        for k, p in enumerate(np.asarray(probs, dtype=np.float32)):
+            start = first_window + k * WINDOW
+            end = start + WINDOW
+            if self._state == _IDLE and p >= s.threshold:
+                self._state, self._onset = _ONSET, start
+            elif self._state == _ONSET and p < s.neg_threshold:
+                self._state = _IDLE  # too short to be speech
+            if self._state == _ONSET and end - self._onset >= min_speech:
+                self._state, self._silence_start = _SPEECH, None
+                begin = max(self._onset - s.prefix_padding_ms * SAMPLES_PER_MS, self._floor)
+                events.append(SpeechStarted(sample=begin, onset=self._onset, barge_in=self.reply_active,
+                                            detected_at=end))
+            elif self._state == _SPEECH:
+                if p >= s.threshold:
+                    self._silence_start = None
+                elif p < s.neg_threshold and self._silence_start is None:
+                    self._silence_start = start
+                if self._silence_start is not None and end - self._silence_start >= silence:
+                    events.append(SpeechStopped(sample=self._silence_start, detected_at=end))
+                    self._floor = self._silence_start
+                    self._clear_speech()
+        return events
