@@ -112,7 +112,8 @@ class LiveSession:
         self.turn_end = None
 
     def on_speech_started(self, event: SpeechStarted) -> None:
-        self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.sample * 1000 // SR})
+        self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.sample * 1000 // SR,
+                   "audio_start_sample": event.sample})
         if self.reply is not None:  # barge-in: the user talks over the reply
             self.session.cancel()
             self.advance_reply(to_end=True)
@@ -121,7 +122,8 @@ class LiveSession:
 
     def on_speech_stopped(self, event: SpeechStopped) -> None:
         self.speech_end_time = time.perf_counter()
-        self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": event.sample * 1000 // SR})
+        self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": event.sample * 1000 // SR,
+                   "audio_end_sample": event.sample})
         if self.turn_start is not None:
             self.turn_end = max(event.sample, self.turn_start)
             self.respond_after_turn = self.config.turn_detection.create_response
@@ -173,6 +175,9 @@ class LiveSession:
 
     # -- replies -----------------------------------------------------------------
     def start_reply(self) -> None:
+        if self.turn_end is not None and self.reply is None:  # committed, flush not run yet: answer right after it
+            self.respond_after_turn = True
+            return
         turn = self.session.turn
         if turn is None or not turn.ended or self.reply is not None:
             self.emit(error_event("response_not_possible",

@@ -85,7 +85,9 @@ def build_llama(tokenizer, size: str = "tiny", seed: int = 0, vocab_size: Option
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        # Untied: a random tied head mostly repeats the last input token (its own
+        # embedding scores highest), which would make reply comparisons vacuous.
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -1,0 +1,150 @@
+"""Engine: one compute thread serving sessions over an asyncio interface."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.turns import TurnDetectionSettings
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from agent.ultravox.build import build_random_checkpoint
+
+    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "engine"), nest="tiny", llm="tiny",
+                                   streaming=True, layers="all", stack_factor=3, seed=2)
+
+
+@pytest.fixture(scope="module")
+def inference(checkpoint):
+    from agent.ultravox import UltravoxInference
+
+    return UltravoxInference(checkpoint)
+
+
+@pytest.fixture()
+def engine(inference):
+    from agent.nest.streaming import StreamingNestEncoder
+
+    eng = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower)).start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def utterance(tmp_path_factory):
+    """Speech, a 300 ms pause, more speech, then 1 s of silence."""
+    from conftest import read_wav, synthesize
+
+    d = tmp_path_factory.mktemp("speech")
+    a, _ = read_wav(synthesize("turn on the lights", str(d / "a.wav")))
+    b, _ = read_wav(synthesize("in the kitchen please", str(d / "b.wav")))
+    def trim(x):  # espeak pads its files with silence; the pause must be exactly ours
+        loud = np.flatnonzero(np.abs(x) > 1e-3)
+        return x[loud[0]: loud[-1] + 1]
+
+    a, b = trim(a), trim(b)
+    gap = np.zeros(int(0.3 * SR), dtype=np.float32)
+    return np.concatenate([a, gap, b, np.zeros(SR, dtype=np.float32)]).astype(np.float32)
+
+
+def send_in_packets(handle, audio, seed):
+    rng = np.random.default_rng(seed)
+    i = 0
+    while i < len(audio):
+        n = int(rng.integers(160, 6000))
+        handle.append_audio(audio[i:i + n])
+        i += n
+
+
+async def events_until(handle, kind, timeout=60):
+    seen = []
+    while True:
+        event = await handle.next_event(timeout)
+        seen.append(event)
+        if event["type"] == kind:
+            return seen
+
+
+def config(**kw):
+    base = dict(instructions="Answer briefly.", max_response_output_tokens=12)
+    base.update(kw)
+    return SessionConfig(**base)
+
+
+async def test_server_vad_turn_gets_the_offline_reply(engine, inference, utterance):
+    handle = engine.open_session(config=config())
+    send_in_packets(handle, utterance, seed=0)
+    events = await events_until(handle, "response.done")
+    types = [e["type"] for e in events]
+    assert types.count("input_audio_buffer.speech_started") == 1  # the 300 ms pause did not end the turn
+    assert types.count("input_audio_buffer.speech_stopped") == 1
+    assert types.index("input_audio_buffer.committed") < types.index("response.created")
+    start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    assert end - start > 1.5 * SR
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    done = events[-1]["response"]
+    expected = inference.generate(
+        "", audio=utterance[start:end], system_prompt="Answer briefly.", max_new_tokens=12)
+    assert text == done["output"][0]["content"][0]["text"] == expected
+    latency = done["latency_ms"]
+    assert latency["speech_end_to_first_token"] >= latency["speech_end_to_encoder_done"] >= 0
+    assert done["usage"]["output_tokens"] >= 1
+    handle.close()
+
+
+async def test_manual_commit_then_response_create(engine, inference, utterance):
+    handle = engine.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
+    audio = utterance[: int(2.5 * SR)]
+    send_in_packets(handle, audio, seed=1)
+    handle.commit()
+    events = await events_until(handle, "input_audio_buffer.committed")
+    assert not any(e["type"].startswith("response") for e in events)
+    with pytest.raises(asyncio.TimeoutError):
+        await handle.next_event(0.3)  # nothing happens until the client asks
+    handle.create_response()
+    events = await events_until(handle, "response.done")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    assert text == inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
+    handle.commit()  # nothing new to commit
+    event = await handle.next_event(5)
+    assert event["type"] == "error" and event["error"]["code"] == "input_audio_buffer_commit_empty"
+    handle.close()
+
+
+async def test_barge_in_cancels_the_running_reply(engine, utterance):
+    handle = engine.open_session(config=config(max_response_output_tokens=3000))
+    send_in_packets(handle, utterance, seed=2)
+    await events_until(handle, "response.text.delta")
+    send_in_packets(handle, utterance, seed=3)  # the user talks over the reply
+    events = await events_until(handle, "response.done")
+    done = events[-1]["response"]
+    assert done["status"] == "cancelled"
+    assert done["usage"]["output_tokens"] < 3000
+    assert any(e["type"] == "input_audio_buffer.speech_started" for e in events)
+    # the new turn proceeds to its own reply
+    events = await events_until(handle, "response.done")
+    assert any(e["type"] == "input_audio_buffer.committed" for e in events)
+    handle.close()
+
+
+async def test_concurrent_sessions_share_encoder_calls(engine, inference, utterance):
+    handles = [engine.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
+               for _ in range(3)]
+    audio = utterance[: 2 * SR]
+    for k in range(0, len(audio), 1280):  # interleaved, as concurrent callers would arrive
+        for h in handles:
+            h.append_audio(audio[k:k + 1280])
+    for h in handles:
+        h.commit()
+        h.create_response()
+    expected = inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
+    for h in handles:
+        events = await events_until(h, "response.done")
+        assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
+        h.close()
+    assert max(engine.stats["encoder_batch_sizes"]) >= 2
