@@ -195,6 +195,14 @@ class StreamingNestEncoder:
         self.sample_rate = int(nest_encoder.preprocessor.featurizer.sample_rate) if hasattr(
             nest_encoder.preprocessor.featurizer, "sample_rate") else 16000
         self.last_stats = StepStats()
+        enc._nestvox_streaming_owner = id(self)
+
+    def activate(self) -> None:
+        """Apply this streamer's attention setting to the encoder, which streamers with
+        other chunk sizes may share (the engine serves several chunk sizes)."""
+        if getattr(self.encoder, "_nestvox_streaming_owner", None) != id(self):
+            configure_streaming(self.encoder, self.chunk_frames, self.left_context_frames)
+            self.encoder._nestvox_streaming_owner = id(self)
 
     # -- latency ---------------------------------------------------------------
     @property
@@ -269,6 +277,7 @@ class StreamingNestEncoder:
         # and made each of them 30-40x slower on x86 CPUs (measured: 3 s vs 0.1 s
         # per NEST-L step). Flushing them changes values by < 1e-38.
         torch.set_flush_denormal(True)
+        self.activate()
         final = list(final) if final is not None else [False] * len(states)
         states = list(states)
         for i, (state, samples) in enumerate(zip(states, audio)):

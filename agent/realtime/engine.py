@@ -48,6 +48,8 @@ class SessionConfig:
     top_p: float = 1.0
     max_response_output_tokens: int = 64
     max_positions: Optional[int] = None
+    chunk_ms: Optional[int] = None  # encoder chunk; None: the server's default
+    max_turn_seconds: float = 60.0  # a longer turn is committed where it stands
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(temperature=self.temperature, top_p=self.top_p,
@@ -62,7 +64,8 @@ class LiveSession:
         self.engine = engine
         self.config = config
         self.emit = emit
-        self.session = Session(engine.model, engine.tokenizer, engine.streamer, system_prompt=config.instructions,
+        self.session = Session(engine.model, engine.tokenizer, engine.streamer_for(config.chunk_ms),
+                               system_prompt=config.instructions,
                                settings=config.generation(), max_positions=config.max_positions)
         self.detector = TurnDetector(config.turn_detection, vad=engine.vad())
         self.audio = np.zeros(0, dtype=np.float32)  # samples from `audio_start` on
@@ -91,6 +94,12 @@ class LiveSession:
                 self.on_speech_started(event)
             elif isinstance(event, SpeechStopped):
                 self.on_speech_stopped(event)
+        limit = int(self.config.max_turn_seconds * SR)
+        if self.turn_start is not None and self.turn_end is None and self.detector.samples - self.turn_start > limit:
+            self.emit(error_event("turn_too_long", f"the turn exceeded max_turn_seconds="
+                                                   f"{self.config.max_turn_seconds:g} and was committed"))
+            self.commit()
+            self.respond_after_turn = self.config.turn_detection.create_response
         self._trim()
 
     def _trim(self) -> None:
@@ -106,6 +115,7 @@ class LiveSession:
             self.audio_start = keep_from
 
     def begin_turn(self, start: int) -> None:
+        self.session.streamer = self.engine.streamer_for(self.config.chunk_ms)  # a chunk_ms update applies here
         self.session.start_turn()
         self.turn_start = start
         self.fed = max(start, self.audio_start)
@@ -261,9 +271,12 @@ class SessionHandle:
 
 class Engine:
     def __init__(self, model, tokenizer, streamer, max_batch: int = 32, idle_wait_s: float = 0.01):
+        """`streamer`: the default StreamingNestEncoder; sessions asking for another
+        chunk size get their own streamer over the same encoder."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.streamer = streamer
+        self.streamers = {streamer.chunk_frames: streamer}
         self.max_batch = max_batch
         self.idle_wait_s = idle_wait_s
         self.sessions: Dict[str, LiveSession] = {}
@@ -274,6 +287,27 @@ class Engine:
         self._vad = None
         self.stats = {"encoder_calls": 0, "encoder_batch_sizes": [], "ticks": 0, "errors": 0}
         self.on_encoder_batch: Optional[Callable[[int], None]] = None  # metrics hook
+
+    def streamer_for(self, chunk_ms: Optional[int]):
+        """The streamer for `chunk_ms` (a multiple of the 80 ms frame; None: default)."""
+        if chunk_ms is None:
+            return self.streamer
+        frame_ms = self.streamer.frame_ms
+        frames = int(round(chunk_ms / frame_ms))
+        if frames < 1 or abs(frames * frame_ms - chunk_ms) > 1e-6:
+            raise ValueError(f"chunk_ms must be a positive multiple of {frame_ms:g} ms, got {chunk_ms}")
+        if frames not in self.streamers:
+            import warnings
+
+            from agent.nest.streaming import StreamingNestEncoder
+
+            left = max(frames, self.streamer.left_context_frames // frames * frames)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the engine reports the setting at session.updated
+                self.streamers[frames] = StreamingNestEncoder(self.streamer.nest, chunk_frames=frames,
+                                                              left_context_frames=left)
+            self.streamer.activate()
+        return self.streamers[frames]
 
     def vad(self):
         if self._vad is None:
@@ -390,17 +424,20 @@ class Engine:
                 self._guard(live, self._update, live, payload)
 
     def _update(self, live: LiveSession, config: SessionConfig) -> None:
+        streamer = self.streamer_for(config.chunk_ms)  # validates before anything changes
         live.config = config
+        if live.turn_start is None:
+            live.session.streamer = streamer
         live.detector.update_settings(config.turn_detection)
         live.session.settings = config.generation().replace(stop_token_ids=live.session.settings.stop_token_ids)
         if config.instructions != live.session.system_prompt:
             live.session.set_instructions(config.instructions)
 
     def _encode(self) -> bool:
-        """One batched encoder step over every session with audio to encode."""
-        members, pieces, finals = [], [], []
+        """One batched encoder step per chunk size over every session with audio to encode."""
+        groups: Dict[int, list] = {}
         for live in self.sessions.values():
-            if len(members) >= self.max_batch:
+            if sum(len(g) for g in groups.values()) >= self.max_batch:
                 break
             try:
                 item = live.encoder_input()
@@ -408,22 +445,20 @@ class Engine:
                 live.emit(error_event("server_error", str(exc)))
                 continue
             if item is not None:
-                members.append(live)
-                pieces.append(item[0])
-                finals.append(item[1])
-        if not members:
-            return False
-        states = [m.session.turn.encoder_state for m in members]
-        new_states, frames = self.streamer.step(states, pieces, final=finals)
-        self.stats["encoder_calls"] += self.streamer.last_stats.calls
-        self.stats["encoder_batch_sizes"] += self.streamer.last_stats.batch_sizes
-        if self.on_encoder_batch is not None:
-            for size in self.streamer.last_stats.batch_sizes:
-                self.on_encoder_batch(size)
-        for live, state, feats, final in zip(members, new_states, frames, finals):
-            live.session.turn.encoder_state = state
-            if final:
-                self._guard(live, live.finish_turn, feats)
-            else:
-                self._guard(live, live.session.accept_frames, feats)
-        return True
+                groups.setdefault(id(live.session.streamer), []).append((live, item[0], item[1]))
+        for members in groups.values():
+            streamer = members[0][0].session.streamer
+            states = [live.session.turn.encoder_state for live, _, _ in members]
+            new_states, frames = streamer.step(states, [m[1] for m in members], final=[m[2] for m in members])
+            self.stats["encoder_calls"] += streamer.last_stats.calls
+            self.stats["encoder_batch_sizes"] += streamer.last_stats.batch_sizes
+            if self.on_encoder_batch is not None:
+                for size in streamer.last_stats.batch_sizes:
+                    self.on_encoder_batch(size)
+            for (live, _, final), state, feats in zip(members, new_states, frames):
+                live.session.turn.encoder_state = state
+                if final:
+                    self._guard(live, live.finish_turn, feats)
+                else:
+                    self._guard(live, live.session.accept_frames, feats)
+        return bool(groups)

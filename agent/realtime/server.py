@@ -1,0 +1,254 @@
+"""The websocket server: the realtime protocol over `websockets` (asyncio).
+
+One websocket per conversation at `/v1/realtime` (or `/`); `/healthz` and
+`/metrics` answer plain HTTP on the same port. Each connection owns an engine
+session; audio arrives as binary PCM16 frames or `input_audio_buffer.append`
+events, is resampled to 16 kHz with soxr, and goes to the engine; engine events
+go back as JSON text frames. A bad message gets an `error` event and the
+connection stays open; a vanished client frees its session.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import List, Optional
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.metrics import BATCH_BUCKETS, Metrics
+from agent.realtime.protocol import (
+    ProtocolError,
+    WireSettings,
+    apply_session_update,
+    decode_append,
+    parse_event,
+    pcm16_to_float,
+    session_description,
+)
+
+log = logging.getLogger("nestvox.server")
+REALTIME_PATHS = ("/v1/realtime", "/")
+SR = 16000
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_sessions: int = 16
+    max_message_bytes: int = 1 << 20  # larger messages get an error event (up to 4x; beyond, close 1009)
+    idle_timeout_s: float = 300.0
+    auth_token: Optional[str] = None
+    allowed_origins: Optional[List[str]] = None  # None: any Origin (non-browser clients send none)
+    require_session_update: bool = False  # audio before the first session.update is an error
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+class Resampler:
+    """Streaming resampler to 16 kHz (soxr keeps its filter state between packets)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.stream = None
+        if rate != SR:
+            import soxr
+
+            self.stream = soxr.ResampleStream(rate, SR, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        if self.stream is None:
+            return samples
+        return self.stream.resample_chunk(samples)
+
+
+class Connection:
+    """One client: protocol validation, resampling, and the bridge to its engine session."""
+
+    def __init__(self, server: "RealtimeServer", ws):
+        self.server = server
+        self.ws = ws
+        self.config = server.config.session
+        self.wire = WireSettings()
+        self.resampler = Resampler(self.wire.input_sample_rate)
+        self.updated = False
+        self.handle = None
+
+    def describe(self) -> dict:
+        streamer = self.server.engine.streamer_for(self.config.chunk_ms)
+        return session_description(self.handle.id, self.config, self.wire, streamer.chunk_ms,
+                                   streamer.latency_ms, self.server.model_name)
+
+    async def send(self, event: dict) -> None:
+        await self.ws.send(json.dumps(event))
+
+    async def error(self, err: ProtocolError) -> None:
+        self.server.metrics.inc("nestvox_errors_total", code=err.code)
+        await self.send(err.event())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.handle = self.server.engine.open_session(loop=loop, config=self.config)
+        await self.send({"type": "session.created", "session": self.describe()})
+        writer = asyncio.create_task(self.forward_events())
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.ws.recv(), self.server.config.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    await self.error(ProtocolError("idle_timeout", f"no message for "
+                                                   f"{self.server.config.idle_timeout_s:g} s: closing"))
+                    await self.ws.close(1000, "idle timeout")
+                    return
+                try:
+                    await self.on_message(message)
+                except ProtocolError as err:
+                    await self.error(err)
+        finally:
+            writer.cancel()
+            self.handle.close()  # frees the session's caches, even mid-turn
+
+    async def forward_events(self) -> None:
+        metrics = self.server.metrics
+        while True:
+            event = await self.handle.next_event()
+            kind = event["type"]
+            if kind == "response.done":
+                response = event["response"]
+                metrics.inc("nestvox_responses_total", status=response["status"])
+                for stage, value in (response.get("latency_ms") or {}).items():
+                    if value is not None:
+                        metrics.observe("nestvox_latency_ms", value, stage=stage)
+            elif kind == "input_audio_buffer.committed":
+                metrics.inc("nestvox_turns_total")
+            elif kind == "error":
+                metrics.inc("nestvox_errors_total", code=event["error"]["code"])
+            try:
+                await self.send(event)
+            except Exception:  # the client is gone; the reader's finally cleans up
+                return
+
+    async def on_message(self, message) -> None:
+        size = len(message)
+        if size > self.server.config.max_message_bytes:
+            raise ProtocolError("message_too_large", f"message of {size} bytes exceeds the limit of "
+                                f"{self.server.config.max_message_bytes} bytes: send audio in smaller frames")
+        if isinstance(message, bytes):
+            self.append(message)
+            return
+        event = parse_event(message)
+        kind = event["type"]
+        if kind == "session.update":
+            config, wire = apply_session_update(event, self.config, self.wire, self.server.engine.streamer_for)
+            if wire.input_sample_rate != self.wire.input_sample_rate:
+                self.resampler = Resampler(wire.input_sample_rate)
+            self.config, self.wire, self.updated = config, wire, True
+            self.handle.update(config)
+            await self.send({"type": "session.updated", "session": self.describe()})
+        elif kind == "input_audio_buffer.append":
+            self.append(decode_append(event), event.get("event_id"))
+        elif kind == "input_audio_buffer.commit":
+            self.handle.commit()
+        elif kind == "input_audio_buffer.clear":
+            self.handle.clear()
+        elif kind == "response.create":
+            self.handle.create_response()
+        elif kind == "response.cancel":
+            self.handle.cancel()
+
+    def append(self, data: bytes, event_id: Optional[str] = None) -> None:
+        if self.server.config.require_session_update and not self.updated:
+            raise ProtocolError("session_update_required", "send session.update (with input_sample_rate) before "
+                                "any audio", event_id)
+        samples = pcm16_to_float(data)
+        self.handle.append_audio(self.resampler(samples))
+
+
+class RealtimeServer:
+    def __init__(self, engine: Engine, config: Optional[ServerConfig] = None, model_name: str = ""):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.model_name = model_name
+        self.metrics = Metrics()
+        self.connections = 0
+        self.server = None
+        self.started = time.time()
+        engine.on_encoder_batch = lambda n: self.metrics.observe("nestvox_encoder_batch_size", n, BATCH_BUCKETS)
+
+    # -- HTTP side of the port -------------------------------------------------------
+    def process_request(self, connection, request):
+        url = urlsplit(request.path)
+        if url.path == "/healthz":
+            body = json.dumps({"status": "ok", "sessions": self.connections, "model": self.model_name,
+                               "uptime_s": round(time.time() - self.started, 1)})
+            return connection.respond(HTTPStatus.OK, body + "\n")
+        if url.path == "/metrics":
+            self.metrics.set("nestvox_sessions_active", self.connections)
+            response = connection.respond(HTTPStatus.OK, self.metrics.render())
+            response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return response
+        if url.path not in REALTIME_PATHS:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {url.path}: the realtime websocket "
+                                      f"is at /v1/realtime\n")
+        origin = request.headers.get("Origin")
+        allowed = self.config.allowed_origins
+        if origin is not None and allowed is not None and origin not in allowed:
+            self.metrics.inc("nestvox_sessions_rejected_total", reason="origin")
+            return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
+        token = self.config.auth_token
+        if token:
+            given = request.headers.get("Authorization", "")
+            given = given[7:] if given.lower().startswith("bearer ") else ""
+            given = given or (parse_qs(url.query).get("token") or [""])[0]
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                self.metrics.inc("nestvox_sessions_rejected_total", reason="auth")
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send "
+                                          "'Authorization: Bearer <token>' or ?token=<token>\n")
+        return None
+
+    # -- websocket side ----------------------------------------------------------------
+    async def handler(self, ws) -> None:
+        if self.connections >= self.config.max_sessions:
+            self.metrics.inc("nestvox_sessions_rejected_total", reason="full")
+            await ws.send(json.dumps(ProtocolError(
+                "server_full", f"the server is at max_sessions={self.config.max_sessions}: try again later").event()))
+            await ws.close(1013, "server full")
+            return
+        self.connections += 1
+        self.metrics.inc("nestvox_sessions_total")
+        self.metrics.set("nestvox_sessions_active", self.connections)
+        try:
+            await Connection(self, ws).run()
+        except Exception as exc:  # ConnectionClosed and friends: the client went away
+            log.info("connection ended: %s", type(exc).__name__)
+        finally:
+            self.connections -= 1
+            self.metrics.set("nestvox_sessions_active", self.connections)
+
+    async def start(self):
+        from websockets.asyncio.server import serve
+
+        self.engine.start()
+        self.server = await serve(self.handler, self.config.host, self.config.port,
+                                  process_request=self.process_request,
+                                  max_size=4 * self.config.max_message_bytes, compression=None)
+        sock = next(iter(self.server.sockets))
+        self.config = dataclasses.replace(self.config, port=sock.getsockname()[1])
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.config.port}/v1/realtime"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        self.engine.stop()

@@ -1,0 +1,133 @@
+"""nestvox realtime server.
+
+    python serve.py                       # the embedded default model on ws://127.0.0.1:8765/v1/realtime
+    python serve.py --model my-ckpt --port 9000 --chunk-ms 320 --max-sessions 32 --auth-token s3cret
+
+Every flag has an environment variable (NESTVOX_<FLAG>, e.g. NESTVOX_PORT=9000).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_MODEL = os.path.join(HERE, "agent", "assets", "demo_model")
+FALLBACK_MODEL = os.path.join(HERE, ".cache", "random-tiny-streaming")
+
+
+def env(name: str, default):
+    value = os.environ.get(f"NESTVOX_{name}")
+    if value is None:
+        return default
+    return type(default)(value) if default is not None and not isinstance(default, bool) else value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=env("PORT", 8765), help="0 picks a free port")
+    p.add_argument("--model", default=env("MODEL", None),
+                   help="checkpoint folder (UltravoxModel.save_pretrained); default: the embedded demo model")
+    p.add_argument("--chunk-ms", type=int, default=env("CHUNK_MS", 0),
+                   help="encoder chunk in ms (multiple of 80); default: the model's trained chunk")
+    p.add_argument("--left-context-ms", type=int, default=env("LEFT_CONTEXT_MS", 0),
+                   help="attention left context in ms; default: the model's")
+    p.add_argument("--vad-threshold", type=float, default=env("VAD_THRESHOLD", 0.5))
+    p.add_argument("--silence-ms", type=int, default=env("SILENCE_MS", 500), help="silence that ends a turn")
+    p.add_argument("--prefix-padding-ms", type=int, default=env("PREFIX_PADDING_MS", 300))
+    p.add_argument("--instructions", default=env("INSTRUCTIONS", None), help="default system prompt")
+    p.add_argument("--max-sessions", type=int, default=env("MAX_SESSIONS", 16))
+    p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
+    p.add_argument("--max-turn-seconds", type=float, default=env("MAX_TURN_SECONDS", 60.0))
+    p.add_argument("--idle-timeout-s", type=float, default=env("IDLE_TIMEOUT_S", 300.0))
+    p.add_argument("--auth-token", default=env("AUTH_TOKEN", None), help="require this bearer token")
+    p.add_argument("--allowed-origins", default=env("ALLOWED_ORIGINS", None),
+                   help="comma-separated Origin allowlist for browsers (default: any)")
+    p.add_argument("--require-session-update", action="store_true",
+                   default=str(env("REQUIRE_SESSION_UPDATE", "")).lower() in ("1", "true", "yes"),
+                   help="refuse audio before session.update")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def default_model() -> str:
+    if os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
+        return DEMO_MODEL
+    if not os.path.isfile(os.path.join(FALLBACK_MODEL, "config.json")):
+        from agent.ultravox.build import build_random_checkpoint
+
+        print(f"no trained demo model at {DEMO_MODEL}: building a RANDOM-weight streaming model in "
+              f"{FALLBACK_MODEL} (plumbing only, its replies are noise)", flush=True)
+        build_random_checkpoint(FALLBACK_MODEL, nest="tiny", llm="tiny", streaming=True, layers="all")
+    return FALLBACK_MODEL
+
+
+def build_server(args):
+    import torch
+
+    from agent.nest.streaming import StreamingNestEncoder
+    from agent.realtime.engine import Engine, SessionConfig
+    from agent.realtime.server import RealtimeServer, ServerConfig
+    from agent.realtime.turns import TurnDetectionSettings
+    from agent.ultravox import UltravoxInference
+
+    model_path = args.model or default_model()
+    inference = UltravoxInference(model_path)
+    encoder = inference.model.audio_tower
+    chunk = args.chunk_ms // 80 if args.chunk_ms else None
+    left = args.left_context_ms // 80 if args.left_context_ms else None
+    if chunk and left is None:
+        trained_left = encoder.encoder.att_context_size[0]
+        left = max(chunk, (trained_left if trained_left > 0 else 64) // chunk * chunk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left)
+    torch.set_grad_enabled(False)
+    engine = Engine(inference.model, inference.tokenizer, streamer)
+    session = SessionConfig(
+        instructions=args.instructions,
+        turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,
+                                             prefix_padding_ms=args.prefix_padding_ms),
+        max_turn_seconds=args.max_turn_seconds,
+    )
+    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins else None
+    config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
+                          max_message_bytes=args.max_message_bytes, idle_timeout_s=args.idle_timeout_s,
+                          auth_token=args.auth_token or None, allowed_origins=origins,
+                          require_session_update=args.require_session_update, session=session)
+    return RealtimeServer(engine, config, model_name=model_path), streamer
+
+
+async def main_async(args) -> None:
+    server, streamer = build_server(args)
+    await server.start()
+    print(f"nestvox listening on {server.url}  (health: http://{server.config.host}:{server.config.port}/healthz)")
+    print(f"model: {server.model_name}")
+    print(f"encoder: {streamer.describe()}", flush=True)
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await stop
+    print("shutting down", flush=True)
+    await server.stop()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("nemo_logger", "websockets.server", "nv_one_logger"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
