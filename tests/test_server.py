@@ -1,0 +1,369 @@
+"""The websocket server on loopback, driven by a real websocket client."""
+import asyncio
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.server import RealtimeServer, ServerConfig
+
+SR = 16000
+SYSTEM = "Answer briefly."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from agent.ultravox.build import build_random_checkpoint
+
+    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "srv"), nest="tiny", llm="tiny",
+                                   streaming=True, layers="all", stack_factor=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def inference(checkpoint):
+    from agent.ultravox import UltravoxInference
+
+    return UltravoxInference(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    from conftest import read_wav, synthesize
+
+    a, _ = read_wav(synthesize("turn on the lights in the kitchen", str(tmp_path_factory.mktemp("s") / "a.wav")))
+    loud = np.flatnonzero(np.abs(a) > 1e-3)
+    return a[loud[0]: loud[-1] + 1].astype(np.float32)
+
+
+def with_silence(audio, seconds=1.0):
+    return np.concatenate([np.zeros(int(0.2 * SR), np.float32), audio, np.zeros(int(seconds * SR), np.float32)])
+
+
+def pcm16(audio) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def send_audio(ws, audio, packet=3200):
+    data = pcm16(audio)
+    for i in range(0, len(data), packet):  # frames under the server's message limit
+        await ws.send(data[i:i + packet])
+
+
+async def start(inference, **overrides):
+    from agent.nest.streaming import StreamingNestEncoder
+
+    session = SessionConfig(instructions=SYSTEM, max_response_output_tokens=10)
+    config = ServerConfig(port=0, session=session, **overrides)
+    engine = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower))
+    return await RealtimeServer(engine, config, model_name="tiny-test").start()
+
+
+@pytest.fixture()
+async def server(inference):
+    srv = await start(inference, max_sessions=6, max_message_bytes=64 * 1024)
+    yield srv
+    await srv.stop()
+
+
+async def recv_until(ws, kind, timeout=60):
+    events = []
+    while True:
+        event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        events.append(event)
+        if event["type"] == kind:
+            return events
+
+
+def reply_text(events):
+    return "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+
+
+def turn_audio(events, audio):
+    start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    return audio[start:end]
+
+
+async def spoken_turn(url, audio, inference, binary=True, packet=640):
+    """One server-VAD turn; returns (events, the offline reply for the turn's audio)."""
+    async with connect(url) as ws:
+        created = json.loads(await ws.recv())
+        assert created["type"] == "session.created"
+        data = pcm16(audio)
+        for i in range(0, len(data), packet):
+            piece = data[i:i + packet]
+            if binary:
+                await ws.send(piece)
+            else:
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(piece).decode()}))
+        events = await recv_until(ws, "response.done")
+    quantized = np.frombuffer(data, "<i2").astype(np.float32) / 32768
+    expected = inference.generate("", audio=turn_audio(events, quantized), system_prompt=SYSTEM, max_new_tokens=10)
+    return events, expected
+
+
+# -- the happy paths ---------------------------------------------------------------
+
+async def test_spoken_turn_gets_deltas_and_latencies(server, inference, speech):
+    events, expected = await spoken_turn(server.url, with_silence(speech), inference)
+    types = [e["type"] for e in events]
+    for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                 "input_audio_buffer.committed", "response.created", "response.text.delta", "response.text.done"):
+        assert kind in types
+    done = events[-1]["response"]
+    assert done["status"] in ("completed", "incomplete")
+    assert reply_text(events) == expected and expected
+    latency = done["latency_ms"]
+    assert 0 <= latency["speech_end_to_encoder_done"] <= latency["speech_end_to_first_token"]
+    assert latency["speech_end_to_last_token"] >= latency["speech_end_to_first_token"]
+
+
+async def test_json_base64_and_binary_audio_give_the_same_reply(server, inference, speech):
+    binary, _ = await spoken_turn(server.url, with_silence(speech), inference, binary=True)
+    textual, _ = await spoken_turn(server.url, with_silence(speech), inference, binary=False)
+    assert reply_text(binary) == reply_text(textual) != ""
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+async def test_other_sample_rates_are_resampled(server, speech, rate):
+    import soxr
+
+    audio = soxr.resample(with_silence(speech), SR, rate).astype(np.float32)
+    async with connect(server.url) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": rate}}))
+        updated = (await recv_until(ws, "session.updated"))[-1]
+        assert updated["session"]["input_sample_rate"] == rate
+        data = pcm16(audio)
+        for i in range(0, len(data), rate // 25 * 2):
+            await ws.send(data[i:i + rate // 25 * 2])
+        events = await recv_until(ws, "response.done")
+    start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_ms"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_ms"]
+    # speech was found where it is: 200 ms in, lasting as long as the utterance (in 16 kHz time)
+    assert abs(end - start - 300 - 1000 * len(speech) / SR) < 200
+    assert reply_text(events)
+
+
+async def test_manual_commit_mode(server, inference, speech):
+    async with connect(server.url) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        updated = (await recv_until(ws, "session.updated"))[-1]
+        assert updated["session"]["turn_detection"] is None
+        await send_audio(ws, speech)
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "response.create"}))
+        events = await recv_until(ws, "response.done")
+    assert "input_audio_buffer.speech_started" not in [e["type"] for e in events]
+    quantized = np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768
+    assert reply_text(events) == inference.generate("", audio=quantized, system_prompt=SYSTEM, max_new_tokens=10)
+
+
+async def test_barge_in_over_the_wire(server, speech):
+    async with connect(server.url) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": 3000}}))
+        await recv_until(ws, "session.updated")
+        await send_audio(ws, with_silence(speech))
+        await recv_until(ws, "response.text.delta")
+        # the running reply keeps its settings; the next one will be short
+        await ws.send(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": 10}}))
+        await send_audio(ws, with_silence(speech))  # the user talks over the reply
+        events = await recv_until(ws, "response.done")
+        assert events[-1]["response"]["status"] == "cancelled"
+        events = await recv_until(ws, "response.done")  # the new turn gets its own reply
+        assert "input_audio_buffer.committed" in [e["type"] for e in events]
+
+
+async def test_second_turn_reuses_the_conversation(server, inference, speech):
+    async with connect(server.url) as ws:
+        await ws.recv()
+        await send_audio(ws, with_silence(speech))
+        first = await recv_until(ws, "response.done")
+        second_audio = speech[::-1].copy()
+        await send_audio(ws, with_silence(second_audio))
+        second = await recv_until(ws, "response.done")
+    quantized = np.frombuffer(pcm16(with_silence(speech)), "<i2").astype(np.float32) / 32768
+    quantized2 = np.frombuffer(pcm16(with_silence(second_audio)), "<i2").astype(np.float32) / 32768
+    # sample positions count from the start of the connection's audio
+    a1, a2 = turn_audio(first, quantized), turn_audio(second, np.concatenate([quantized, quantized2]))
+    messages = [{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": reply_text(first)},
+                {"role": "user", "content": "<|audio|>"}]
+    expected = inference.generate(messages, audio=[a1, a2], system_prompt=SYSTEM, max_new_tokens=10)
+    assert reply_text(second) == expected
+    assert second[-1]["response"]["usage"]["input_positions"] > first[-1]["response"]["usage"]["input_positions"]
+
+
+async def test_healthz_and_metrics(server, inference, speech):
+    import urllib.request
+
+    await spoken_turn(server.url, with_silence(speech), inference)
+    base = server.url.replace("ws://", "http://").replace("/v1/realtime", "")
+    loop = asyncio.get_running_loop()
+    health = json.loads(await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/healthz").read()))
+    assert health["status"] == "ok" and health["model"] == "tiny-test"
+    metrics = (await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/metrics").read())).decode()
+    assert "nestvox_sessions_total" in metrics and "nestvox_turns_total 1" in metrics
+    assert 'nestvox_latency_ms_count{stage="speech_end_to_first_token"} 1' in metrics
+    assert "nestvox_encoder_batch_size_bucket" in metrics
+
+
+# -- bad input: a clear error, and other sessions unaffected -------------------------------
+
+BAD_INPUTS = [
+    ("not json {", "invalid_json"),
+    ('["a list"]', "invalid_event"),
+    ('{"no": "type"}', "invalid_event"),
+    ('{"type": "conversation.delete"}', "unknown_event_type"),
+    (b"\x01\x02\x03", "invalid_audio"),
+    ('{"type": "input_audio_buffer.append", "audio": "***"}', "invalid_audio"),
+    ('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "invalid_session_config"),
+    ('{"type": "session.update", "session": {"chunk_ms": 100}}', "invalid_session_config"),
+    ('{"type": "session.update", "session": {"temperature": -1}}', "invalid_session_config"),
+    ('{"type": "response.cancel"}', "response_cancel_not_active"),
+    ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),
+    (b"\x00" * (64 * 1024 + 2), "message_too_large"),
+]
+
+
+async def test_bad_messages_get_errors_and_others_keep_working(server, inference, speech):
+    bystander = asyncio.create_task(spoken_turn(server.url, with_silence(speech), inference))
+    async with connect(server.url) as ws:
+        await ws.recv()
+        for message, code in BAD_INPUTS:
+            await ws.send(message)
+            event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert event["type"] == "error" and event["error"]["code"] == code, (message, event)
+            assert event["error"]["message"]
+        # still usable after all that
+        await ws.send(json.dumps({"type": "session.update", "session": {"temperature": 0.0}}))
+        assert (await recv_until(ws, "session.updated"))[-1]["type"] == "session.updated"
+    events, expected = await bystander
+    assert reply_text(events) == expected
+
+
+async def test_audio_before_session_update_when_required(inference, speech):
+    srv = await start(inference, require_session_update=True)
+    try:
+        async with connect(srv.url) as ws:
+            await ws.recv()
+            await send_audio(ws, speech[:3200])
+            event = json.loads(await ws.recv())
+            assert event["error"]["code"] == "session_update_required"
+            await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+            await recv_until(ws, "session.updated")
+            await send_audio(ws, with_silence(speech))
+            assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
+    finally:
+        await srv.stop()
+
+
+async def test_token_and_origin_checks(inference, speech):
+    srv = await start(inference, auth_token="s3cret", allowed_origins=["https://app.example"])
+    try:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(srv.url):
+                pass
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(srv.url + "?token=wrong"):
+                pass
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(srv.url + "?token=s3cret", origin="https://evil.example"):
+                pass
+        assert info.value.response.status_code == 403
+        async with connect(srv.url, additional_headers={"Authorization": "Bearer s3cret"},
+                           origin="https://app.example") as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with connect(srv.url + "?token=s3cret") as ws:  # browsers: the query parameter
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await send_audio(ws, with_silence(speech))
+            assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
+    finally:
+        await srv.stop()
+
+
+async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(inference, speech):
+    srv = await start(inference, max_sessions=2)
+    try:
+        first = await connect(srv.url)
+        await first.recv()
+        await send_audio(first, speech[: len(speech) // 2])  # mid-turn ...
+        second = await connect(srv.url)
+        await second.recv()
+        third = await connect(srv.url)
+        event = json.loads(await third.recv())
+        assert event["error"]["code"] == "server_full" and "max_sessions=2" in event["error"]["message"]
+        with pytest.raises(ConnectionClosed) as info:
+            await third.recv()
+        assert info.value.rcvd.code == 1013
+        await first.close()  # ... the client vanishes
+        for _ in range(100):
+            if srv.connections == 1 and srv.engine.active_sessions == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert srv.connections == 1 and srv.engine.active_sessions == 1  # its session was freed
+        events, expected = await spoken_turn(srv.url, with_silence(speech), inference)  # a free slot again
+        assert reply_text(events) == expected
+        await second.close()
+        assert "nestvox_sessions_rejected_total{reason=\"full\"} 1" in srv.metrics.render()
+    finally:
+        await srv.stop()
+
+
+async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, speech):
+    rng = np.random.default_rng(0)
+    valid = [json.dumps({"type": "session.update", "session": {"temperature": 0.5}}),
+             json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 80).decode()}),
+             json.dumps({"type": "input_audio_buffer.clear"}), json.dumps({"type": "response.cancel"})]
+
+    def mutate(text: str) -> str:
+        chars = list(text)
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(0, len(chars)))
+            chars[i] = chr(int(rng.integers(32, 0x3000)))
+        return "".join(chars)
+
+    async def fuzz():
+        sent = 0
+        deadline = time.monotonic() + 20
+        async with connect(server.url, max_size=None) as ws:
+            await ws.recv()
+            while sent < 3000 and time.monotonic() < deadline:
+                kind = rng.integers(0, 4)
+                if kind == 0:
+                    await ws.send(rng.bytes(int(rng.integers(0, 5000))))
+                elif kind == 1:
+                    await ws.send(mutate(valid[int(rng.integers(0, len(valid)))]))
+                elif kind == 2:
+                    await ws.send(valid[int(rng.integers(0, len(valid)))])
+                else:
+                    await ws.send(rng.bytes(int(rng.integers(1, 300))).decode("latin-1"))
+                sent += 1
+                if sent % 50 == 0:  # drain what the server said so its queue stays small
+                    try:
+                        while True:
+                            await asyncio.wait_for(ws.recv(), 0.001)
+                    except asyncio.TimeoutError:
+                        pass
+            await ws.send(json.dumps({"type": "session.update", "session": {"temperature": 0}}))
+            while True:  # the fuzzed session itself still answers
+                event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if event["type"] == "session.updated" and event["session"]["temperature"] == 0:
+                    break
+        return sent
+
+    fuzzer = asyncio.create_task(fuzz())
+    events, expected = await spoken_turn(server.url, with_silence(speech), inference)
+    assert reply_text(events) == expected
+    assert await fuzzer >= 1000
+    events, expected = await spoken_turn(server.url, with_silence(speech), inference)  # still up afterwards
+    assert reply_text(events) == expected
