@@ -148,3 +148,27 @@ async def test_concurrent_sessions_share_encoder_calls(engine, inference, uttera
         assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
         h.close()
     assert max(engine.stats["encoder_batch_sizes"]) >= 2
+
+
+async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_at_the_end(engine, inference,
+                                                                                         utterance):
+    """Audio at 4x real time: the 300 ms pause starts a speculative end of turn that
+    is undone when speech resumes; the final silence's speculation is confirmed, and
+    the reply is still exactly the offline one."""
+    handle = engine.open_session(config=config())
+    before = dict(engine.stats)
+    packet = 640  # 40 ms
+    for i in range(0, len(utterance), packet):
+        handle.append_audio(utterance[i:i + packet])
+        await asyncio.sleep(0.01)
+    events = await events_until(handle, "response.done")
+    assert engine.stats["speculation_rollbacks"] - before["speculation_rollbacks"] >= 1
+    assert engine.stats["speculation_hits"] - before["speculation_hits"] == 1
+    start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    assert text == inference.generate("", audio=utterance[start:end], system_prompt="Answer briefly.",
+                                      max_new_tokens=12)
+    latency = events[-1]["response"]["latency_ms"]
+    assert latency["speech_end_to_encoder_done"] < 5  # the flush had already run in the silence
+    handle.close()

@@ -33,6 +33,10 @@ from agent.realtime.turns import SpeechStarted, SpeechStopped, TurnDetectionSett
 
 log = logging.getLogger("nestvox.engine")
 SR = 16000
+# A pause that has lasted this long is treated as a possible end of turn: its
+# end-of-turn work (encoder flush, last group, assistant header) runs while the
+# VAD waits out the rest of its silence, and is rolled back if speech resumes.
+SPECULATE_AFTER_MS = 150
 _ids = itertools.count(1)
 
 
@@ -79,6 +83,8 @@ class LiveSession:
         self.response_id: Optional[str] = None
         self.deltas: List[str] = []
         self.closed = False
+        self.spec: Optional[dict] = None  # {"silence": sample, "snap": Session.snapshot()}
+        self.speculate = True
 
     # -- audio and turns --------------------------------------------------------
     @property
@@ -134,11 +140,16 @@ class LiveSession:
         self.speech_end_time = time.perf_counter()
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": event.sample * 1000 // SR,
                    "audio_end_sample": event.sample})
+        if self.spec is not None and self.spec["silence"] == event.sample and self.turn_start is not None:
+            self.confirm_speculation()
+            return
+        self.rollback_speculation()
         if self.turn_start is not None:
             self.turn_end = max(event.sample, self.turn_start)
             self.respond_after_turn = self.config.turn_detection.create_response
 
     def commit(self) -> None:
+        self.rollback_speculation()  # the committed turn includes the pause's audio
         if self.turn_start is None or self.detector.samples <= self.turn_start:
             self.emit(error_event("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit"))
             return
@@ -148,14 +159,59 @@ class LiveSession:
         self.respond_after_turn = not self.manual and self.config.turn_detection.create_response
 
     def clear(self) -> None:
+        self.rollback_speculation()
         self.detector.clear()
         if self.turn_start is not None and self.turn_end is None:
             self.session.abort_turn()
             self.turn_start = None
         self.emit({"type": "input_audio_buffer.cleared"})
 
+    # -- speculative end of turn -----------------------------------------------------
+    def maybe_speculate(self) -> bool:
+        """Run the end-of-turn work for a pause that may be the end of the turn."""
+        if self.spec is not None or not self.speculate or self.manual or self.turn_start is None \
+                or self.turn_end is not None or self.reply is not None:
+            return False
+        silence = self.detector.pending_silence_start
+        if silence is None or self.fed < silence or \
+                self.detector.samples - silence < SPECULATE_AFTER_MS * SR // 1000:
+            return False
+        turn = self.session.turn
+        snap = self.session.snapshot()
+        streamer = self.session.streamer
+        (state,), (frames,) = streamer.step([turn.encoder_state], [None], final=[True])
+        turn.encoder_state = state
+        self.session.end_turn(frames=frames)
+        self.spec = {"silence": silence, "snap": snap}
+        self.engine.stats["speculations"] += 1
+        return True
+
+    def rollback_speculation(self) -> None:
+        if self.spec is not None:
+            self.session.restore(self.spec["snap"])
+            self.spec = None
+            self.engine.stats["speculation_rollbacks"] += 1
+
+    def confirm_speculation(self) -> None:
+        """The pause was the end of the turn: the work is done, answer now."""
+        turn = self.session.turn
+        now = time.perf_counter()
+        turn.times.speech_end = self.speech_end_time or now
+        turn.times.encoder_done = now  # the flush ran during the silence
+        self.spec = None
+        self.engine.stats["speculation_hits"] += 1
+        self.turn_start = None
+        self.turn_end = None
+        self.emit({"type": "input_audio_buffer.committed"})
+        if self.config.turn_detection.create_response:
+            self.start_reply()
+
     def encoder_input(self):
         """(samples to encode now, is this the turn's end) or None."""
+        if self.spec is not None:
+            if self.detector.pending_silence_start == self.spec["silence"]:
+                return None  # the speculated end still stands
+            self.rollback_speculation()  # speech resumed: continue the turn
         if self.turn_start is None:
             return None
         if self.turn_end is not None:
@@ -285,7 +341,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._vad = None
-        self.stats = {"encoder_calls": 0, "encoder_batch_sizes": [], "ticks": 0, "errors": 0}
+        self.stats = {"encoder_calls": 0, "encoder_batch_sizes": [], "ticks": 0, "errors": 0,
+                      "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
         self.on_encoder_batch: Optional[Callable[[int], None]] = None  # metrics hook
 
     def streamer_for(self, chunk_ms: Optional[int]):
@@ -366,6 +423,12 @@ class Engine:
         busy = self._apply_commands()
         busy |= self._encode()
         for live in list(self.sessions.values()):
+            try:
+                busy |= live.maybe_speculate()
+            except Exception as exc:
+                live.spec = None
+                self._guard(live, self._raise, exc)
+        for live in list(self.sessions.values()):
             if live.reply is not None:
                 self._guard(live, live.advance_reply)
                 busy = True
@@ -383,6 +446,10 @@ class Engine:
             live.detector.reply_active = False
             live.turn_start = live.turn_end = None
             live.session.turn = None
+
+    @staticmethod
+    def _raise(exc: Exception) -> None:
+        raise exc
 
     def _apply_commands(self) -> bool:
         busy = False

@@ -18,6 +18,7 @@ the next turn pre-fills only its new tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
@@ -171,7 +172,8 @@ class Session:
     def end_turn(self, speech_end: Optional[float] = None, frames: Optional[torch.Tensor] = None) -> None:
         """End of the user turn: flush the encoder (unless the engine already did and
         passes its `frames`), the partial frame group, and pre-fill the rest of the
-        user turn and the assistant header."""
+        user turn and the assistant header, all in ONE LLM forward (the LLM step is
+        weight-bandwidth bound on CPU: one call, not two, after the user stops)."""
         turn = self.turn
         if turn is None or turn.ended:
             raise RuntimeError("no user turn in progress")
@@ -180,21 +182,54 @@ class Session:
             (state,), (frames,) = self.streamer.flush([turn.encoder_state])
             turn.encoder_state = state
         turn.times.encoder_done = time.perf_counter()
-        self.accept_frames(frames)
-        if turn.carry is not None and turn.carry.pending:
-            weights = self.model.projector.fusion_weights().to(turn.carry.frames.dtype)
-            self._prefill_groups(stack_fuse_flush(turn.carry, weights, self.stack))
+        weights = self.model.projector.fusion_weights().to(frames.dtype)
+        turn.carry, groups = stack_fuse_stream(turn.carry, frames.unsqueeze(1), weights, self.stack)
+        if turn.carry.pending:
+            groups = torch.cat([groups, stack_fuse_flush(turn.carry, weights, self.stack)], dim=1)
+        with torch.no_grad():
+            audio = self.model.projector.project(groups.to(self.model.dtype))[0] if groups.shape[1] else None
+        if audio is not None:
+            turn.embeddings.append(audio)
+            turn.audio_positions += audio.shape[0]
         if turn.audio_positions == 0:
             raise ValueError("the turn holds no audio (less than one encoder frame): nothing to answer")
         after = self._user_ids().after
+        with torch.no_grad():
+            tail = self.model.language_model.get_input_embeddings()(torch.tensor(after, device=self.llm.device))
+        tail = tail if audio is None else torch.cat([audio.to(tail.dtype), tail])
         try:
-            self.llm.prefill_ids(after)
+            self.llm.prefill_embeds(tail)
         except ContextFull:
             self._restart_conversation()
             self._replay_turn()
             self.llm.prefill_ids(after)
         turn.ended = True
         self.history.append({"role": "user", "content": user_content(self.user_text, self.placeholder)})
+
+    # -- speculation: the end-of-turn work done during the VAD's silence -----------------
+    def snapshot(self) -> dict:
+        """What `end_turn` changes, so a speculative end of turn can be undone."""
+        turn = self.turn
+        carry = turn.carry
+        return {"positions": self.llm.positions, "logits": self.llm.last_logits,
+                "carry": None if carry is None else StackCarry(None if carry.frames is None else carry.frames.clone()),
+                "embeddings": len(turn.embeddings), "audio_positions": turn.audio_positions,
+                "history": len(self.history), "encoder_state": turn.encoder_state, "times": dataclasses.replace(turn.times)}
+
+    def restore(self, snap: dict) -> None:
+        """Undo a speculative `end_turn`: the user kept talking."""
+        turn = self.turn
+        if self.llm.positions < snap["positions"]:
+            raise RuntimeError("the conversation was restarted since the snapshot: it cannot be restored")
+        self.llm.truncate(snap["positions"])
+        self.llm.last_logits = snap["logits"]
+        turn.carry = snap["carry"]
+        del turn.embeddings[snap["embeddings"]:]
+        turn.audio_positions = snap["audio_positions"]
+        del self.history[snap["history"]:]
+        turn.encoder_state = snap["encoder_state"]
+        turn.times = snap["times"]
+        turn.ended = False
 
     def abort_turn(self) -> None:
         """Drop the user turn in progress (the client cleared its audio): its

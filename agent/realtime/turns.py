@@ -161,6 +161,11 @@ class TurnDetector:
     def in_speech(self) -> bool:
         return self._state == _SPEECH
 
+    @property
+    def pending_silence_start(self) -> Optional[int]:
+        """Where the silence now running inside a turn began (None: no pause running)."""
+        return self._silence_start if self._state == _SPEECH else None
+
     def speech_until(self, available: int) -> int:
         """How far the audio is known to belong to the current turn: a running pause
         is held back from its first window (it joins the turn only if speech
