@@ -8,7 +8,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nestvox-installed
 # Debian packages: speech synthesis and conversion for tests, PortAudio for the mic client.
 DEBS := espeak-ng sox libsndfile1 libportaudio2
-DEMO := .cache/random-tiny
 
 .PHONY: run test setup debs clean
 
@@ -31,9 +30,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: setup
-	@test -f $(DEMO)/config.json || $(PY) -m agent.ultravox.build --out $(DEMO)
-	@mkdir -p .cache && espeak-ng -w .cache/hello.wav "turn on the lights in the kitchen"
-	$(PY) -m agent.examples.nest_encoder_example --checkpoint $(DEMO) --audio-file .cache/hello.wav --layers all
+	$(PY) serve.py
 
 test: setup
 	$(PY) -m pytest -q

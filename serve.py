@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--prefix-padding-ms", type=int, default=env("PREFIX_PADDING_MS", 300))
     p.add_argument("--instructions", default=env("INSTRUCTIONS", None), help="default system prompt")
     p.add_argument("--max-sessions", type=int, default=env("MAX_SESSIONS", 16))
+    p.add_argument("--max-batch", type=int, default=env("MAX_BATCH", 32),
+                   help="sessions per batched encoder step (1 = no batching)")
     p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
     p.add_argument("--max-turn-seconds", type=float, default=env("MAX_TURN_SECONDS", 60.0))
     p.add_argument("--idle-timeout-s", type=float, default=env("IDLE_TIMEOUT_S", 300.0))
@@ -88,7 +90,7 @@ def build_server(args):
         warnings.simplefilter("default")
         streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left)
     torch.set_grad_enabled(False)
-    engine = Engine(inference.model, inference.tokenizer, streamer)
+    engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch)
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,

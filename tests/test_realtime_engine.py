@@ -172,3 +172,27 @@ async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_a
     latency = events[-1]["response"]["latency_ms"]
     assert latency["speech_end_to_encoder_done"] < 5  # the flush had already run in the silence
     handle.close()
+
+
+async def test_without_batching_every_session_is_still_served(inference, utterance):
+    from agent.nest.streaming import StreamingNestEncoder
+
+    eng = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower),
+                 max_batch=1).start()
+    try:
+        handles = [eng.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
+                   for _ in range(3)]
+        audio = utterance[: 2 * SR]
+        for k in range(0, len(audio), 1280):
+            for h in handles:
+                h.append_audio(audio[k:k + 1280])
+        for h in handles:
+            h.commit()
+            h.create_response()
+        expected = inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
+        for h in handles:
+            events = await events_until(h, "response.done")
+            assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
+        assert max(eng.stats["encoder_batch_sizes"]) == 1
+    finally:
+        eng.stop()

@@ -503,8 +503,13 @@ class Engine:
     def _encode(self) -> bool:
         """One batched encoder step per chunk size over every session with audio to encode."""
         groups: Dict[int, list] = {}
-        for live in self.sessions.values():
-            if sum(len(g) for g in groups.values()) >= self.max_batch:
+        lives = list(self.sessions.values())
+        # Rotate where the scan starts, so a max_batch smaller than the sessions
+        # with audio serves them in turn instead of starving the last ones.
+        self._rotation = (getattr(self, "_rotation", -1) + 1) % max(len(lives), 1)
+        taken = 0
+        for live in lives[self._rotation:] + lives[:self._rotation]:
+            if taken >= self.max_batch:
                 break
             try:
                 item = live.encoder_input()
@@ -513,6 +518,7 @@ class Engine:
                 continue
             if item is not None:
                 groups.setdefault(id(live.session.streamer), []).append((live, item[0], item[1]))
+                taken += 1
         for members in groups.values():
             streamer = members[0][0].session.streamer
             states = [live.session.turn.encoder_state for live, _, _ in members]
