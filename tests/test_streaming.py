@@ -230,6 +230,10 @@ def test_latency_follows_the_chunk_settings(causal_nest, nest_subsampling_model)
     assert causal.lookahead_ms == pytest.approx(12.5 - 70)
     assert causal.latency_ms == pytest.approx(320 + 12.5 - 70)
     assert "320 ms" in causal.describe() and "2.56 s" in causal.describe()
+    by_ms = StreamingNestEncoder.from_ms(NestEncoder(causal_nest), chunk_ms=160, left_context_ms=5120)
+    assert (by_ms.chunk_frames, by_ms.left_context_frames) == (2, 64)
+    with pytest.raises(ValueError, match="multiple of 80 ms"):
+        StreamingNestEncoder.from_ms(NestEncoder(causal_nest), chunk_ms=100)
     with pytest.raises(ValueError, match="multiple of the chunk"):
         StreamingNestEncoder(NestEncoder(causal_nest), chunk_frames=3, left_context_frames=64)
 

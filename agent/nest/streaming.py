@@ -197,6 +197,23 @@ class StreamingNestEncoder:
         self.last_stats = StepStats()
         enc._nestvox_streaming_owner = id(self)
 
+    @classmethod
+    def from_ms(cls, nest_encoder, chunk_ms: float, left_context_ms: Optional[float] = None, **kwargs):
+        """Settings in milliseconds (multiples of the encoder's frame, 80 ms for NEST)."""
+        enc = nest_encoder.encoder
+        featurizer = nest_encoder.preprocessor.featurizer
+        frame_ms = 1000.0 * int(featurizer.hop_length) * int(enc.subsampling_factor) / int(
+            getattr(featurizer, "sample_rate", 16000))
+
+        def frames(ms, what):
+            n = ms / frame_ms
+            if n < 1 or abs(n - round(n)) > 1e-6:
+                raise ValueError(f"{what} must be a positive multiple of {frame_ms:g} ms, got {ms}")
+            return int(round(n))
+
+        left = None if left_context_ms is None else frames(left_context_ms, "left_context_ms")
+        return cls(nest_encoder, chunk_frames=frames(chunk_ms, "chunk_ms"), left_context_frames=left, **kwargs)
+
     def activate(self) -> None:
         """Apply this streamer's attention setting to the encoder, which streamers with
         other chunk sizes may share (the engine serves several chunk sizes)."""
