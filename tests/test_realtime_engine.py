@@ -152,7 +152,7 @@ async def test_concurrent_sessions_share_encoder_calls(engine, inference, uttera
 
 async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_at_the_end(engine, inference,
                                                                                          utterance):
-    """Audio at 4x real time: the 300 ms pause starts a speculative end of turn that
+    """Audio at 2x real time: the 300 ms pause starts a speculative end of turn that
     is undone when speech resumes; the final silence's speculation is confirmed, and
     the reply is still exactly the offline one."""
     handle = engine.open_session(config=config())
@@ -160,7 +160,7 @@ async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_a
     packet = 640  # 40 ms
     for i in range(0, len(utterance), packet):
         handle.append_audio(utterance[i:i + packet])
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
     events = await events_until(handle, "response.done")
     assert engine.stats["speculation_rollbacks"] - before["speculation_rollbacks"] >= 1
     assert engine.stats["speculation_hits"] - before["speculation_hits"] == 1

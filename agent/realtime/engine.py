@@ -451,9 +451,11 @@ class Engine:
     def _raise(exc: Exception) -> None:
         raise exc
 
-    def _apply_commands(self) -> bool:
+    def _apply_commands(self, limit: int = 256) -> bool:
+        """Apply queued commands; at most `limit` per tick, so an overloaded tick still
+        leaves room for encoding, speculation and decoding."""
         busy = False
-        while True:
+        for _ in range(limit):
             try:
                 sid, what, payload = self._commands.get_nowait()
             except queue.Empty:
@@ -489,6 +491,7 @@ class Engine:
                     live.emit(error_event("response_cancel_not_active", "there is no response to cancel"))
             elif what == "update":
                 self._guard(live, self._update, live, payload)
+        return busy
 
     def _update(self, live: LiveSession, config: SessionConfig) -> None:
         streamer = self.streamer_for(config.chunk_ms)  # validates before anything changes

@@ -1,0 +1,308 @@
+"""clients/: file streamer, profiler, load generator and mic client against the real
+server (serve.build_server, the random tiny streaming checkpoint) on loopback.
+
+The servers run in a background thread with their own event loop, so the clients
+under test (in-process on pytest-asyncio's loop, or as subprocesses) talk to them
+over a real websocket. Timing numbers are only checked for order and presence,
+never against thresholds.
+"""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from clients import common, mic  # noqa: E402
+from clients.file import stream_file  # noqa: E402
+from clients.load import run_load  # noqa: E402
+from clients.profile import profile  # noqa: E402
+
+TOKEN = "s3cret"
+STAGES = ("speech_end_to_encoder_done", "speech_end_to_first_token", "first_token_to_last_token",
+          "speech_end_to_last_token")
+
+
+class ServerThread:
+    """serve.build_server(...) served from its own thread and event loop."""
+
+    def __init__(self, argv):
+        self.argv = argv
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.server = None
+
+    async def _start(self):
+        import serve
+
+        self.server, _ = serve.build_server(serve.parse_args(self.argv))
+        await self.server.start()
+        return self.server.url
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(300)
+        return self
+
+    def connections(self) -> int:
+        return self.server.connections
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(["--port", "0"]).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """max_sessions=2 and a bearer token: refusals and auth."""
+    srv = ServerThread(["--port", "0", "--max-sessions", "2", "--auth-token", TOKEN]).start()
+    yield srv
+    srv.stop()
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_latency(latency_ms):
+    assert set(STAGES) <= set(latency_ms), latency_ms
+    for stage in STAGES:
+        assert isinstance(latency_ms[stage], (int, float)) and latency_ms[stage] >= 0, (stage, latency_ms)
+    assert latency_ms["speech_end_to_encoder_done"] <= latency_ms["speech_end_to_first_token"] \
+        <= latency_ms["speech_end_to_last_token"]
+
+
+# -- file.py ----------------------------------------------------------------------------
+async def test_stream_file_server_vad(server, speech_wav):
+    result = await stream_file(server.url, speech_wav, speed=0)
+    kinds = [e["type"] for e in result.events]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+             "input_audio_buffer.committed", "response.created", "response.text.delta",
+             "response.text.done", "response.done"]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    assert "error" not in kinds
+    assert result.done["type"] == "response.done" and kinds[-1] == "response.done"
+    response = result.done["response"]
+    assert response["status"] in ("completed", "incomplete")
+    assert response["usage"]["output_tokens"] >= 1
+    check_latency(result.latency_ms)
+    # the reply: deltas, text.done and response.done all agree
+    deltas = "".join(e["delta"] for e in result.events if e["type"] == "response.text.delta")
+    assert result.text and result.text == deltas == response["output"][0]["content"][0]["text"]
+    # the VAD ended the turn inside the utterance's trailing part, not in our padding
+    stopped = next(e for e in result.events if e["type"] == "input_audio_buffer.speech_stopped")
+    assert 1000 < stopped["audio_end_ms"] <= result.audio_ms + 50
+    c = result.client_ms
+    assert c["end_to_speech_stopped"] <= c["end_to_created"] <= c["end_to_first_delta"] <= c["end_to_done"]
+    assert c["speech_stopped_to_first_delta"] >= 0
+
+
+async def test_stream_file_manual_resampled(server, speech_wav, tmp_path):
+    """A 44.1 kHz stereo file, sent at 48 kHz (session.update), with manual commit."""
+    import soundfile as sf
+
+    data, rate = sf.read(speech_wav, dtype="float32")
+    import soxr
+
+    stereo = np.stack([soxr.resample(data, rate, 44100)] * 2, axis=1) * np.array([1.0, 0.5], dtype=np.float32)
+    path = str(tmp_path / "stereo44.wav")
+    sf.write(path, stereo, 44100)
+    seen = []
+    result = await stream_file(server.url, path, speed=0, manual=True, rate=48000, chunk_ms=320, on_event=seen.append)
+    updated = next(e for e in seen if e["type"] == "session.updated")["session"]
+    assert updated["input_sample_rate"] == 48000 and updated["chunk_ms"] == 320 and updated["turn_detection"] is None
+    kinds = [e["type"] for e in result.events]
+    assert "input_audio_buffer.speech_started" not in kinds  # manual: no VAD events
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created") < kinds.index("response.done")
+    check_latency(result.latency_ms)
+    assert abs(result.audio_ms - 1000 * data.size / rate) < 5
+    assert result.client_ms["end_to_speech_stopped"] is None and result.client_ms["end_to_first_delta"] > 0
+
+
+async def test_file_cli_prints_reply(server, speech_wav):
+    expected = (await stream_file(server.url, speech_wav, speed=0)).text
+    proc = await asyncio.to_thread(run_cli, "clients/file.py", speech_wav, "--url", server.url, "--speed", "0")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Traceback" not in proc.stderr
+    reply_line = next(line for line in out.splitlines() if line.startswith("assistant: "))
+    assert reply_line == "assistant: " + common.printable(expected)  # temperature 0: the same reply
+    rows = {line.split("  ")[0].strip(): line.split()[-1] for line in out.splitlines()
+            if line.startswith(("server ", "client "))}
+    assert float(rows["server speech_end_to_first_token"]) >= 0
+    assert float(rows["client end_to_first_delta"]) >= float(rows["client end_to_speech_stopped"])
+
+
+async def test_unreachable_server_message(speech_wav):
+    url = f"ws://127.0.0.1:{free_port()}/v1/realtime"
+    with pytest.raises(common.ServerUnreachable) as err:
+        await common.connect(url)
+    assert url in str(err.value) and "python serve.py" in str(err.value)
+    proc = await asyncio.to_thread(run_cli, "clients/file.py", speech_wav, url)
+    assert proc.returncode == 1
+    assert url in proc.stderr and "python serve.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- profile.py -------------------------------------------------------------------------
+async def test_profile_cli_table_and_plot(server, tmp_path):
+    png = tmp_path / "profile.png"
+    proc = await asyncio.to_thread(run_cli, "clients/profile.py", "--url", server.url, "--chunks", "160,320",
+                                   "--repeats", "1", "--speed", "0", "--plot", str(png), "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("chunk ms"))
+    table = [line.split() for line in lines[header + 2:header + 4]]
+    assert [row[0] for row in table] == ["160", "320"]
+    for row in table:
+        assert row[1] == "1" and all(cell != "-" for cell in row), row
+        assert [float(x) for x in row[3:]]  # numbers
+    rows = json.loads(proc.stdout[proc.stdout.index("\n[") + 1:proc.stdout.rindex("]") + 1])
+    assert [r["chunk_ms"] for r in rows] == [160, 320]
+    for r in rows:
+        assert r["error"] is None and len(r["turns"]) == 1
+        assert 0 <= r["flush"]["p50"] <= r["e2ft"]["p50"]
+        assert r["created"]["p50"] <= r["first_delta"]["p50"]
+    assert rows[0]["algorithmic_latency_ms"] < rows[1]["algorithmic_latency_ms"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+async def test_profile_reports_refused_chunk(server, speech_wav):
+    rows = await profile(server.url, speech_wav, [100], repeats=1, speed=0)
+    assert rows[0]["turns"] == [] and "multiple of 80" in rows[0]["error"]
+
+
+# -- load.py ----------------------------------------------------------------------------
+async def test_auth(small_server):
+    with pytest.raises(common.ServerRefused) as err:
+        await common.connect(small_server.url)
+    assert err.value.code == "unauthorized"
+    conn = await common.connect(small_server.url, token=TOKEN)
+    async with conn:
+        assert conn.session["input_sample_rate"] == 16000
+
+
+async def test_load_refuses_third_caller(small_server, speech_wav):
+    for _ in range(100):  # let the auth test's connection go
+        if small_server.connections() == 0:
+            break
+        await asyncio.sleep(0.05)
+    report = await run_load(small_server.url, callers=3, duration=6, wav=speech_wav, token=TOKEN, budget_ms=1000)
+    assert report["refused"] == 1, report
+    assert report["refusals"][0]["code"] == "server_full"
+    assert report["errors"] == 0, report["error_list"]
+    assert report["connected"] == 2
+    statuses = sorted(c["status"] for c in report["per_caller"])
+    assert statuses.count("refused") == 1
+    assert all(s in ("sustained", "late") for s in statuses if s != "refused"), statuses
+    assert report["turns"]["completed"] >= 2 and report["turns"]["failed"] == 0
+    e2ft = report["latency_ms"]["server e2ft"]
+    assert e2ft["n"] == report["turns"]["completed"]
+    assert 0 <= e2ft["p50"] <= e2ft["p90"] <= e2ft["p99"]
+    client = report["latency_ms"]["client speech end -> 1st delta"]
+    assert client["p50"] >= report["silence_ms"] * 0.9  # it includes the VAD silence window
+    assert report["elapsed_s"] <= 6 + 1.0
+
+
+async def test_load_refuses_remote_and_bounds():
+    with pytest.raises(common.ClientError, match="only targets a server on this machine"):
+        await run_load("ws://192.0.2.1:8765/v1/realtime", callers=1, duration=1)
+    with pytest.raises(common.ClientError, match="between 1 and 64"):
+        await run_load("ws://127.0.0.1:8765/v1/realtime", callers=65, duration=1)
+    proc = await asyncio.to_thread(run_cli, "clients/load.py", "--url", "ws://example.com:8765")
+    assert proc.returncode == 2 and "only targets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- mic.py -----------------------------------------------------------------------------
+def test_mic_no_input_device_exit_code(monkeypatch, capsys):
+    import sounddevice
+
+    def no_device(*args, **kwargs):
+        raise sounddevice.PortAudioError("Error querying device -1")
+
+    monkeypatch.setattr(sounddevice, "query_devices", no_device)
+    assert mic.main(["--url", "ws://127.0.0.1:1/v1/realtime"]) == 2
+    err = capsys.readouterr().err
+    assert "no microphone" in err and "default input device" in err and "--list-devices" in err
+
+
+def test_mic_without_portaudio_subprocess(tmp_path):
+    """sounddevice raises OSError('PortAudio library not found') at import when PortAudio is missing."""
+    (tmp_path / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
+    proc = run_cli("clients/mic.py", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "PortAudio is not available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class FakeSoundDevice:
+    """Plays a recording through mic.py's InputStream callback, as PortAudio's thread would."""
+
+    PortAudioError = RuntimeError
+
+    def __init__(self, samples: np.ndarray):
+        self.samples = samples
+        self.opened = {}
+
+    def query_devices(self, device=None, kind=None):
+        return {"name": "fake", "max_input_channels": 1}
+
+    def InputStream(self, samplerate, channels, dtype, device, callback, blocksize):
+        self.opened = dict(samplerate=samplerate, channels=channels, dtype=dtype, blocksize=blocksize)
+        fake = self
+
+        class Stream:
+            def __enter__(self):
+                self.stop = threading.Event()
+                self.thread = threading.Thread(target=self.run, daemon=True)
+                self.thread.start()
+                return self
+
+            def run(self):
+                pcm = (np.clip(fake.samples, -1, 1) * 32767).astype(np.int16)[:, None]
+                for i in range(0, len(pcm), blocksize):
+                    if self.stop.is_set():
+                        return
+                    callback(pcm[i:i + blocksize], blocksize, None, None)
+                    time.sleep(0.002)  # 10x real time
+
+            def __exit__(self, *exc):
+                self.stop.set()
+                self.thread.join(5)
+
+        return Stream()
+
+
+async def test_mic_streams_a_turn(server, speech, capsys):
+    fake = FakeSoundDevice(np.concatenate([speech, np.zeros(16000, np.float32)]))
+    turns = await mic.run_mic(server.url, sd=fake, max_turns=1, seconds=30)
+    assert fake.opened == dict(samplerate=16000, channels=1, dtype="int16", blocksize=320)
+    assert len(turns) == 1
+    check_latency(turns[0].latency_ms)
+    assert turns[0].text
+    out = capsys.readouterr().out
+    assert "[listening]" in out and "assistant: " + common.printable(turns[0].text) in out
+    assert "end of speech -> first token" in out
