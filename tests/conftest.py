@@ -69,3 +69,20 @@ def tiny_inference(tiny_checkpoint):
     from agent.ultravox import UltravoxInference
 
     return UltravoxInference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def streaming_checkpoint(tmp_path_factory) -> str:
+    """Tiny checkpoint whose encoder is configured for cache-aware streaming (chunked_limited
+    attention, causal convolutions), so streamed sessions must equal the offline model."""
+    from agent.ultravox.build import build_random_checkpoint
+
+    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "streaming"), nest="tiny", llm="tiny",
+                                   streaming=True, layers="all", stack_factor=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def streaming_inference(streaming_checkpoint):
+    from agent.ultravox import UltravoxInference
+
+    return UltravoxInference(streaming_checkpoint)

@@ -11,18 +11,8 @@ SR = 16000
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from agent.ultravox.build import build_random_checkpoint
-
-    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "engine"), nest="tiny", llm="tiny",
-                                   streaming=True, layers="all", stack_factor=3, seed=2)
-
-
-@pytest.fixture(scope="module")
-def inference(checkpoint):
-    from agent.ultravox import UltravoxInference
-
-    return UltravoxInference(checkpoint)
+def inference(streaming_inference):
+    return streaming_inference
 
 
 @pytest.fixture()
@@ -132,11 +122,13 @@ async def test_barge_in_cancels_the_running_reply(engine, utterance):
     handle.close()
 
 
-async def test_concurrent_sessions_share_encoder_calls(engine, inference, utterance):
+async def three_interleaved_callers(engine, inference, utterance):
+    """Three manual-mode sessions whose audio arrives interleaved, as concurrent callers'
+    would; each must get exactly the offline reply."""
     handles = [engine.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
                for _ in range(3)]
     audio = utterance[: 2 * SR]
-    for k in range(0, len(audio), 1280):  # interleaved, as concurrent callers would arrive
+    for k in range(0, len(audio), 1280):
         for h in handles:
             h.append_audio(audio[k:k + 1280])
     for h in handles:
@@ -147,6 +139,10 @@ async def test_concurrent_sessions_share_encoder_calls(engine, inference, uttera
         events = await events_until(h, "response.done")
         assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
         h.close()
+
+
+async def test_concurrent_sessions_share_encoder_calls(engine, inference, utterance):
+    await three_interleaved_callers(engine, inference, utterance)
     assert max(engine.stats["encoder_batch_sizes"]) >= 2
 
 
@@ -180,19 +176,7 @@ async def test_without_batching_every_session_is_still_served(inference, utteran
     eng = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower),
                  max_batch=1).start()
     try:
-        handles = [eng.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
-                   for _ in range(3)]
-        audio = utterance[: 2 * SR]
-        for k in range(0, len(audio), 1280):
-            for h in handles:
-                h.append_audio(audio[k:k + 1280])
-        for h in handles:
-            h.commit()
-            h.create_response()
-        expected = inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
-        for h in handles:
-            events = await events_until(h, "response.done")
-            assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
+        await three_interleaved_callers(eng, inference, utterance)
         assert max(eng.stats["encoder_batch_sizes"]) == 1
     finally:
         eng.stop()

@@ -10,18 +10,8 @@ SYSTEM = "You are a helpful voice assistant. Answer briefly."
 
 
 @pytest.fixture(scope="module")
-def streaming_checkpoint(tmp_path_factory):
-    from agent.ultravox.build import build_random_checkpoint
-
-    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "stream"), nest="tiny", llm="tiny",
-                                   streaming=True, layers="all", stack_factor=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def inference(streaming_checkpoint):
-    from agent.ultravox import UltravoxInference
-
-    return UltravoxInference(streaming_checkpoint)
+def inference(streaming_inference):
+    return streaming_inference
 
 
 def make_session(inference, **kwargs):

@@ -17,18 +17,8 @@ SYSTEM = "Answer briefly."
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from agent.ultravox.build import build_random_checkpoint
-
-    return build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "srv"), nest="tiny", llm="tiny",
-                                   streaming=True, layers="all", stack_factor=3, seed=5)
-
-
-@pytest.fixture(scope="module")
-def inference(checkpoint):
-    from agent.ultravox import UltravoxInference
-
-    return UltravoxInference(checkpoint)
+def inference(streaming_inference):
+    return streaming_inference
 
 
 @pytest.fixture(scope="module")
