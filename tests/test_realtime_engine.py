@@ -180,3 +180,28 @@ async def test_without_batching_every_session_is_still_served(inference, utteran
         assert max(eng.stats["encoder_batch_sizes"]) == 1
     finally:
         eng.stop()
+
+
+async def test_audio_arriving_during_a_reply_starts_the_next_turn_after_it(engine, inference, utterance):
+    """Manual mode: the client keeps talking (and commits) while the reply runs; the
+    new turn waits for the reply instead of corrupting its cache."""
+    handle = engine.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual"),
+                                               max_response_output_tokens=40))
+    first, second = utterance[: 2 * SR], utterance[2 * SR:]
+    handle.append_audio(first)
+    handle.commit()
+    handle.create_response()
+    await events_until(handle, "response.created")
+    handle.append_audio(second)
+    handle.commit()
+    events = await events_until(handle, "response.done")
+    reply1 = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    await events_until(handle, "input_audio_buffer.committed")
+    handle.create_response()
+    events = await events_until(handle, "response.done")
+    reply2 = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    messages = [{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": reply1},
+                {"role": "user", "content": "<|audio|>"}]
+    assert reply2 == inference.generate(messages, audio=[first, second], system_prompt="Answer briefly.",
+                                        max_new_tokens=40)
+    handle.close()

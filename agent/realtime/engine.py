@@ -84,6 +84,10 @@ class LiveSession:
         self.deltas: List[str] = []
         self.closed = False
         self.spec: Optional[dict] = None  # {"silence": sample, "snap": Session.snapshot()}
+        # A turn that began while a reply was still running (manual mode, or server VAD
+        # with interrupt_response off): it starts when the reply is done.
+        self.pending_start: Optional[int] = None
+        self.pending_end: Optional[int] = None
         self.speculate = True
 
     # -- audio and turns --------------------------------------------------------
@@ -93,8 +97,11 @@ class LiveSession:
 
     def append(self, samples: np.ndarray) -> None:
         self.audio = np.concatenate([self.audio, samples]) if self.audio.size else samples
-        if self.manual and self.turn_start is None and samples.size:
-            self.begin_turn(self.detector.samples)
+        if self.manual and self.turn_start is None and self.pending_start is None and samples.size:
+            if self.reply is not None:
+                self.pending_start = self.detector.samples
+            else:
+                self.begin_turn(self.detector.samples)
         for event in self.detector.feed(samples):
             if isinstance(event, SpeechStarted):
                 self.on_speech_started(event)
@@ -110,7 +117,8 @@ class LiveSession:
 
     def _trim(self) -> None:
         """Keep only audio that a turn may still need (the prefix padding window)."""
-        keep_from = self.turn_start if self.turn_start is not None else (
+        keep_from = self.turn_start if self.turn_start is not None else self.pending_start if \
+            self.pending_start is not None else (
             self.audio_start + self.audio.size - int(SR * (self.config.turn_detection.prefix_padding_ms + 500) / 1000))
         keep_from = max(keep_from, self.audio_start)
         if self.turn_start is not None:
@@ -130,8 +138,11 @@ class LiveSession:
     def on_speech_started(self, event: SpeechStarted) -> None:
         self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": event.sample * 1000 // SR,
                    "audio_start_sample": event.sample})
-        if self.reply is not None:  # barge-in: the user talks over the reply
-            self.session.cancel()
+        if self.reply is not None:
+            if not self.config.turn_detection.interrupt_response:
+                self.pending_start = event.sample  # answered after the running reply
+                return
+            self.session.cancel()  # barge-in: the user talks over the reply
             self.advance_reply(to_end=True)
         if self.turn_start is None:
             self.begin_turn(event.sample)
@@ -144,12 +155,19 @@ class LiveSession:
             self.confirm_speculation()
             return
         self.rollback_speculation()
-        if self.turn_start is not None:
+        if self.pending_start is not None:
+            self.pending_end = max(event.sample, self.pending_start)
+            self.respond_after_turn = self.config.turn_detection.create_response
+        elif self.turn_start is not None:
             self.turn_end = max(event.sample, self.turn_start)
             self.respond_after_turn = self.config.turn_detection.create_response
 
     def commit(self) -> None:
         self.rollback_speculation()  # the committed turn includes the pause's audio
+        if self.pending_start is not None:  # a reply is still running: the turn follows it
+            self.pending_end = self.detector.commit().sample
+            self.respond_after_turn = not self.manual and self.config.turn_detection.create_response
+            return
         if self.turn_start is None or self.detector.samples <= self.turn_start:
             self.emit(error_event("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit"))
             return
@@ -160,6 +178,7 @@ class LiveSession:
 
     def clear(self) -> None:
         self.rollback_speculation()
+        self.pending_start = self.pending_end = None
         self.detector.clear()
         if self.turn_start is not None and self.turn_end is None:
             self.session.abort_turn()
@@ -274,6 +293,14 @@ class LiveSession:
         turn = self.session.turn
         self.reply = None
         self.detector.reply_active = False
+        self._emit_done(result, turn)
+        if self.pending_start is not None:  # the turn that waited for this reply
+            start, end = self.pending_start, self.pending_end
+            self.pending_start = self.pending_end = None
+            self.begin_turn(start)
+            self.turn_end = end
+
+    def _emit_done(self, result, turn) -> None:
         self.emit({"type": "response.text.done", "response_id": self.response_id, "text": result.text})
         self.emit({"type": "response.done", "response": {
             "id": self.response_id, "status": result.status,
