@@ -1,0 +1,530 @@
+"""What the nestvox clients share: connecting (with an optional token), PCM16
+conversion, reading a wav at the session rate, streaming one turn and
+receiving its events until `response.done`, and per-turn latency figures.
+
+This module talks the wire protocol only (README / DESIGN.md section 4); it
+never imports the server's code (no torch), so a client starts in a second.
+
+Latency figures of one turn (`TurnResult`):
+
+- `latency_ms`: what the server measured, from `response.done`:
+  speech_end_to_encoder_done (the encoder flush), speech_end_to_first_token,
+  first_token_to_last_token, speech_end_to_last_token. "speech end" is the
+  moment the server's VAD decided the user stopped (server_vad) or the moment
+  the commit arrived (manual).
+- `client_ms`: what the client saw on its own clock (perf_counter), from the
+  reference point `t_end`:
+    manual mode: when the last audio packet was sent (commit and
+      response.create follow at once);
+    server_vad mode: when the client sent the audio at the point where, by the
+      server's `speech_stopped.audio_end_ms`, the user stopped talking. These
+      figures therefore INCLUDE the VAD's silence window (silence_duration_ms,
+      500 ms by default) that the server waits before it ends a turn.
+  end_to_speech_stopped, end_to_created (response.created: the server has
+  flushed the encoder and pre-filled the turn), end_to_first_delta (the first
+  `response.text.delta`), end_to_done (`response.done`); and, server_vad only,
+  speech_stopped_to_first_delta: from the arrival of `speech_stopped` to the
+  first delta (the client's view of what the server reports as
+  speech_end_to_first_token, plus loopback transit).
+  At --speed 0 every packet leaves at once, so `t_end` is close to the start of
+  the stream and these figures include the server working through the backlog.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import ipaddress
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from urllib.parse import urlsplit
+
+import numpy as np
+
+DEFAULT_URL = "ws://127.0.0.1:8765/v1/realtime"
+START_HINT = "start a server with `python serve.py` (it listens on ws://127.0.0.1:8765/v1/realtime), or pass --url"
+SERVER_STAGES = ("speech_end_to_encoder_done", "speech_end_to_first_token", "first_token_to_last_token",
+                 "speech_end_to_last_token")
+CLIENT_STAGES = ("end_to_speech_stopped", "end_to_created", "end_to_first_delta", "end_to_done",
+                 "speech_stopped_to_first_delta")
+
+
+class ClientError(Exception):
+    """A problem the command line reports in one line, without a traceback."""
+
+    code = "client_error"
+
+
+class ServerUnreachable(ClientError):
+    code = "unreachable"
+
+
+class ServerRefused(ClientError):
+    """The server turned the connection away (full, auth, HTTP status); `code` says why."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class UpdateRefused(ClientError):
+    """The server answered session.update with an error event (nothing changed)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TurnFailed(ClientError):
+    """An `error` event, a closed connection or a timeout during a turn."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# -- audio ------------------------------------------------------------------------------
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """float samples in [-1, 1] -> little-endian PCM16 bytes (clipped)."""
+    x = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+    return np.round(x * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def read_audio(path: str, rate: int) -> np.ndarray:
+    """Any wav/flac/ogg soundfile reads -> mono float32 at `rate` (channels averaged, soxr resampling)."""
+    import soundfile as sf
+
+    try:
+        data, file_rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises its own LibsndfileError, RuntimeError, OSError...
+        raise ClientError(f"cannot read audio file {path!r}: {exc}") from None
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if mono.size == 0:
+        raise ClientError(f"audio file {path!r} holds no samples")
+    if file_rate != rate:
+        import soxr
+
+        mono = soxr.resample(mono, file_rate, rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def synthesize_speech(text: str, folder: str, voice: str = "en-us") -> str:
+    """Speak `text` with espeak-ng into `folder`/speech.wav (its native rate; read_audio resamples)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        raise ClientError("espeak-ng is not installed (apt-get install espeak-ng): pass a recording with --wav")
+    path = f"{folder}/speech.wav"
+    try:
+        subprocess.run(["espeak-ng", "-v", voice, "-w", path, text], check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        raise ClientError(f"espeak-ng failed: {exc.stderr.decode(errors='replace').strip()}") from None
+    return path
+
+
+# -- connection -------------------------------------------------------------------------
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def with_path(url: str) -> str:
+    """Accept host:port or ws://host:port and add the /v1/realtime path when none is given."""
+    if "://" not in url:
+        url = "ws://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ClientError(f"the server URL must start with ws:// or wss://, got {url!r}")
+    if parts.path in ("", "/") and not parts.query:
+        url = url.rstrip("/") + "/v1/realtime"
+    return url
+
+
+class Connection:
+    """One websocket conversation. Use `await connect(url)`; `session` holds the
+    effective settings (session.created / session.updated)."""
+
+    def __init__(self, ws, url: str, session: dict):
+        self.ws = ws
+        self.url = url
+        self.session = session
+        self.sent_ms = 0.0  # audio sent on this connection, in ms of stream time
+        self.send_log: List[tuple] = []  # (stream ms at the end of a packet, perf_counter when sent)
+
+    @property
+    def rate(self) -> int:
+        return int(self.session.get("input_sample_rate", 16000))
+
+    @property
+    def manual(self) -> bool:
+        return self.session.get("turn_detection") is None
+
+    async def send_event(self, event: dict) -> None:
+        try:
+            await self.ws.send(json.dumps(event))
+        except Exception as exc:
+            raise _closed(exc, self.url) from None
+
+    async def send_audio(self, pcm: bytes, as_json: bool = False) -> None:
+        """PCM16 at the session rate: a binary frame, or an input_audio_buffer.append event."""
+        try:
+            if as_json:
+                await self.ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                               "audio": base64.b64encode(pcm).decode()}))
+            else:
+                await self.ws.send(pcm)
+        except Exception as exc:
+            raise _closed(exc, self.url) from None
+        self.sent_ms += 1000.0 * (len(pcm) // 2) / self.rate
+        self.send_log.append((self.sent_ms, time.perf_counter()))
+
+    def sent_at(self, stream_ms: float) -> Optional[float]:
+        """perf_counter when the audio at `stream_ms` (connection stream time) was sent."""
+        if not self.send_log:
+            return None
+        i = bisect.bisect_left(self.send_log, (stream_ms, -math.inf))
+        return self.send_log[min(i, len(self.send_log) - 1)][1]
+
+    async def recv_event(self, timeout: Optional[float] = None) -> dict:
+        try:
+            message = await asyncio.wait_for(self.ws.recv(), timeout)
+        except asyncio.TimeoutError:
+            raise TurnFailed("timeout", f"no event from {self.url} for {timeout:g} s") from None
+        except Exception as exc:
+            raise _closed(exc, self.url) from None
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", errors="replace")
+        try:
+            event = json.loads(message)
+        except json.JSONDecodeError as exc:
+            raise TurnFailed("invalid_json", f"{self.url} sent a message that is not JSON ({exc}): "
+                             f"is this a nestvox server?") from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise TurnFailed("invalid_event", f"{self.url} sent an event without a \"type\": {message[:200]!r}")
+        return event
+
+    async def update(self, timeout: float = 10.0, **session) -> dict:
+        """session.update -> the effective settings from session.updated (ClientError on an error event)."""
+        await self.send_event({"type": "session.update", "session": session})
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.recv_event(max(0.01, deadline - time.monotonic()))
+            if event["type"] == "session.updated":
+                self.session = event["session"]
+                return self.session
+            if event["type"] == "error":
+                err = event.get("error", {})
+                raise UpdateRefused(err.get("code", "error"), f"the server refused session.update "
+                                    f"{json.dumps(session)}: {err.get('code')}: {err.get('message')}")
+
+    async def close(self) -> None:
+        try:
+            await self.ws.close()
+        except Exception:
+            pass
+
+    async def __aenter__(self) -> "Connection":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _closed(exc: Exception, url: str) -> ClientError:
+    from websockets.exceptions import ConnectionClosed
+
+    if isinstance(exc, ConnectionClosed):
+        frame = exc.rcvd
+        code, reason = (frame.code, frame.reason) if frame is not None else (None, "")
+        if code == 1013:
+            return ServerRefused("server_full", f"{url} closed the connection: {reason or 'server full'} (1013)")
+        return TurnFailed("connection_closed", f"{url} closed the connection"
+                          + (f" (code {code}{': ' + reason if reason else ''})" if code else " (no close frame)"))
+    if isinstance(exc, ClientError):
+        return exc
+    return TurnFailed("connection_error", f"connection to {url} failed: {type(exc).__name__}: {exc}")
+
+
+async def connect(url: str = DEFAULT_URL, token: Optional[str] = None, open_timeout: float = 10.0) -> Connection:
+    """Open a conversation and wait for session.created.
+
+    Raises ServerUnreachable (nothing listens: the message names the URL and
+    `python serve.py`), ServerRefused (server_full / 1013, 401 unauthorized, any
+    other HTTP status) or ClientError (a bad URL)."""
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import InvalidStatus, InvalidURI
+
+    url = with_path(url)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        ws = await ws_connect(url, additional_headers=headers, open_timeout=open_timeout, compression=None,
+                              max_size=1 << 24, proxy=None if is_loopback(url) else True)
+    except InvalidURI as exc:
+        raise ClientError(f"not a websocket URL: {url!r} ({exc})") from None
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        body = (exc.response.body or b"").decode(errors="replace").strip()
+        if status == 401:
+            raise ServerRefused("unauthorized", f"{url} refused the token: {body or 'HTTP 401'} "
+                                f"(pass the server's --auth-token with --token)") from None
+        code = "server_full" if status in (429, 503) else f"http_{status}"
+        raise ServerRefused(code, f"{url} answered HTTP {status}: {body}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else f"{type(exc).__name__}: {exc}"
+        raise ServerUnreachable(f"cannot reach the nestvox server at {url} ({why}); {START_HINT}") from None
+    except Exception as exc:  # InvalidHandshake, InvalidMessage (not a websocket server), ...
+        raise ServerUnreachable(f"no nestvox websocket at {url} ({type(exc).__name__}: {exc}); {START_HINT}") from None
+    conn = Connection(ws, url, {})
+    try:
+        first = await conn.recv_event(open_timeout)
+    except ClientError:
+        await conn.close()
+        raise
+    if first.get("type") == "error":
+        err = first.get("error", {})
+        await conn.close()
+        raise ServerRefused(err.get("code", "error"), f"{url}: {err.get('code')}: {err.get('message')}")
+    if first.get("type") != "session.created":
+        await conn.close()
+        raise ClientError(f"{url} did not start with session.created (got {first.get('type')!r})")
+    conn.session = first["session"]
+    return conn
+
+
+# -- one turn ---------------------------------------------------------------------------
+@dataclass
+class TurnResult:
+    """One user turn and the reply: `text`, the `response.done` event, every event."""
+
+    text: str = ""
+    done: Optional[dict] = None
+    events: List[dict] = field(default_factory=list)
+    stamps: Dict[str, float] = field(default_factory=dict)  # perf_counter of: start, end, speech_stopped, ...
+    audio_ms: float = 0.0  # audio sent for the turn (speech, without trailing silence)
+
+    @property
+    def status(self) -> Optional[str]:
+        return self.done["response"].get("status") if self.done else None
+
+    @property
+    def latency_ms(self) -> Dict[str, Optional[float]]:
+        return dict((self.done or {}).get("response", {}).get("latency_ms") or {})
+
+    @property
+    def client_ms(self) -> Dict[str, Optional[float]]:
+        end = self.stamps.get("end")
+        names = {"end_to_speech_stopped": "speech_stopped", "end_to_created": "created",
+                 "end_to_first_delta": "first_delta", "end_to_done": "done"}
+        out = {k: (None if end is None or self.stamps.get(s) is None else round(1000 * (self.stamps[s] - end), 2))
+               for k, s in names.items()}
+        stopped, first = self.stamps.get("speech_stopped"), self.stamps.get("first_delta")
+        out["speech_stopped_to_first_delta"] = None if stopped is None or first is None else round(
+            1000 * (first - stopped), 2)
+        return out
+
+
+async def stream_pcm(conn: Connection, pcm: bytes, packet_ms: float = 20.0, speed: float = 1.0,
+                     as_json: bool = False, clock_start: Optional[float] = None) -> float:
+    """Send PCM16 at the session rate in packets of `packet_ms`, paced at `speed` x real time
+    (0: as fast as possible) against an absolute schedule (no drift). Returns the schedule's end."""
+    step = max(2, int(round(conn.rate * packet_ms / 1000.0)) * 2)
+    start = time.perf_counter() if clock_start is None else clock_start
+    sent_s = 0.0
+    for i in range(0, len(pcm), step):
+        piece = pcm[i:i + step]
+        if speed > 0:
+            delay = start + sent_s / speed - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await conn.send_audio(piece, as_json)
+        sent_s += len(piece) / 2 / conn.rate
+    return start + (sent_s / speed if speed > 0 else 0.0)
+
+
+async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20.0, speed: float = 1.0,
+                   trailing_silence_ms: Optional[float] = None, as_json: bool = False,
+                   on_event: Optional[Callable[[dict], None]] = None, timeout: float = 60.0,
+                   vad_grace_s: float = 10.0) -> TurnResult:
+    """Stream one utterance (float32 at the session rate) and receive events until response.done.
+
+    server_vad sessions: the utterance is followed by `trailing_silence_ms` of zeros
+    (default: the session's silence_duration_ms + 300) so the server's VAD ends the turn.
+    manual sessions (turn_detection null): input_audio_buffer.commit + response.create
+    follow the last packet. Raises TurnFailed on an error event, a closed connection, a
+    timeout, or a VAD that heard no (end of) speech within `vad_grace_s` after the audio."""
+    result = TurnResult(audio_ms=1000.0 * audio.size / conn.rate)
+    stamps = result.stamps
+    manual = conn.manual
+    pcm = float_to_pcm16(audio)
+    if not manual:
+        if trailing_silence_ms is None:
+            trailing_silence_ms = (conn.session.get("turn_detection") or {}).get("silence_duration_ms", 500) + 300
+        silence = bytes(2 * int(conn.rate * trailing_silence_ms / 1000.0))
+    speech_start_ms = conn.sent_ms
+    deadline = time.monotonic() + timeout
+    stamps["start"] = time.perf_counter()
+
+    async def send() -> None:
+        clock = stamps["start"]
+        end = await stream_pcm(conn, pcm, packet_ms, speed, as_json, clock)
+        if manual:
+            stamps["end"] = time.perf_counter()
+            await conn.send_event({"type": "input_audio_buffer.commit"})
+            await conn.send_event({"type": "response.create"})
+        else:
+            await stream_pcm(conn, silence, packet_ms, speed, as_json, end)
+        stamps["sent"] = time.perf_counter()
+
+    sender = asyncio.create_task(send())
+    deltas: List[str] = []
+    try:
+        while True:
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()
+            wait = deadline - time.monotonic()
+            if not manual and "sent" in stamps and "speech_stopped" not in stamps:
+                wait = min(wait, stamps["sent"] + vad_grace_s - time.perf_counter())
+            if wait <= 0:
+                if not manual and "speech_stopped" not in stamps and "sent" in stamps:
+                    heard = "speech_started" in stamps
+                    raise TurnFailed("no_speech_end" if heard else "no_speech", (
+                        "the server's VAD heard speech but no end of it" if heard else
+                        "the server's VAD heard no speech in the audio") + f" within {vad_grace_s:g} s after the "
+                        "audio ended (too quiet, or no pause at the end? try manual commit)")
+                raise TurnFailed("timeout", f"no response.done from {conn.url} within {timeout:g} s")
+            try:
+                event = await conn.recv_event(min(wait, 0.5) if not sender.done() else wait)
+            except TurnFailed as exc:
+                if exc.code == "timeout":
+                    continue  # re-check the deadlines and the sender
+                raise
+            now = time.perf_counter()
+            result.events.append(event)
+            if on_event is not None:
+                on_event(event)
+            kind = event.get("type")
+            if kind == "input_audio_buffer.speech_started":
+                stamps.setdefault("speech_started", now)
+            elif kind == "input_audio_buffer.speech_stopped":
+                stamps.setdefault("speech_stopped", now)
+                if not manual:
+                    # the reference point: when we sent the audio where the user stopped talking
+                    end_ms = max(float(event.get("audio_end_ms", conn.sent_ms)), speech_start_ms)
+                    stamps["end"] = conn.sent_at(end_ms) or now
+            elif kind == "input_audio_buffer.committed":
+                stamps.setdefault("committed", now)
+            elif kind == "response.created":
+                stamps.setdefault("created", now)
+            elif kind == "response.text.delta":
+                stamps.setdefault("first_delta", now)
+                deltas.append(event.get("delta", ""))
+            elif kind == "response.text.done":
+                result.text = event.get("text", "".join(deltas))
+            elif kind == "response.done":
+                stamps["done"] = now
+                result.done = event
+                if not result.text:
+                    result.text = "".join(deltas)
+                break
+            elif kind == "error":
+                err = event.get("error", {})
+                raise TurnFailed(err.get("code", "error"), f"server error {err.get('code')}: {err.get('message')}")
+    except BaseException:
+        if not sender.done():
+            sender.cancel()
+        try:
+            await sender
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise
+    try:
+        await sender  # the rest of the trailing silence (at most ~300 ms), so the stream stays whole
+    except ClientError:
+        pass  # the reply is complete; a later turn on this connection reports the failure
+    return result
+
+
+# -- numbers and tables -----------------------------------------------------------------
+def percentile(values: Iterable[Optional[float]], q: float) -> Optional[float]:
+    """Linear-interpolated percentile (numpy's default) of the non-None values; None if none."""
+    vals = [float(v) for v in values if v is not None]
+    return float(np.percentile(vals, q)) if vals else None
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Optional[str] = None) -> str:
+    """A plain text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    out = [title] if title else []
+    out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def turn_latency_table(result: TurnResult) -> str:
+    rows = [(f"server {k}", result.latency_ms.get(k)) for k in SERVER_STAGES]
+    rows += [(f"client {k}", result.client_ms.get(k)) for k in CLIENT_STAGES]
+    return format_table(("latency", "ms"), rows)
+
+
+def summary_table(results: Sequence[TurnResult], qs: Sequence[float] = (50, 90)) -> str:
+    """Percentiles of every stage over several turns."""
+    headers = ["latency (ms)", "n"] + [f"p{q:g}" for q in qs]
+    rows = []
+    for source, names, get in (("server", SERVER_STAGES, lambda r: r.latency_ms),
+                               ("client", CLIENT_STAGES, lambda r: r.client_ms)):
+        for k in names:
+            vals = [get(r).get(k) for r in results if get(r).get(k) is not None]
+            rows.append([f"{source} {k}", len(vals)] + [percentile(vals, q) for q in qs])
+    return format_table(headers, rows)
+
+
+def setup_stdout() -> None:
+    """Replies of an untrained model may hold any character: never fail to print them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):
+            pass
+
+
+def printable(text: str) -> str:
+    """Control characters (an untrained model emits them) as \\xNN, newlines kept."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def add_connection_args(p, default_url: str = DEFAULT_URL) -> None:
+    p.add_argument("--url", default=default_url, help=f"server websocket URL (default {default_url})")
+    p.add_argument("--token", default=None, help="bearer token, when the server runs with --auth-token "
+                   "(also read from NESTVOX_AUTH_TOKEN)")
+
+
+def token_from(args) -> Optional[str]:
+    import os
+
+    return args.token or os.environ.get("NESTVOX_AUTH_TOKEN") or None

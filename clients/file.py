@@ -1,0 +1,156 @@
+"""Stream a wav file to a nestvox server as one user turn and print the reply.
+
+    python clients/file.py question.wav                       # real time, server VAD ends the turn
+    python clients/file.py question.wav --speed 0 --manual    # as fast as possible, commit + response.create
+    python clients/file.py question.wav --url ws://host:8765/v1/realtime --token s3cret --json
+
+The file may have any rate and channel count: it is mixed to mono and resampled
+(soxr) to the session's input rate (16 kHz unless --rate asks the server for
+another one through session.update). It is sent as binary PCM16 packets of
+--packet-ms, paced at --speed x real time, then followed by silence so that the
+server's VAD ends the turn (or, with --manual, by input_audio_buffer.commit and
+response.create). The reply is printed as it arrives, then the latency table
+(server figures from response.done, client figures on this machine's clock:
+see clients/common.py for their exact definitions).
+
+Importable: `result = await stream_file(url, "question.wav", speed=0)` returns a
+TurnResult with `.text` (the reply), `.done` (the response.done event),
+`.latency_ms`, `.client_ms` and `.events`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+if __package__ in (None, ""):  # run as `python clients/file.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from clients.common import (  # noqa: E402
+    DEFAULT_URL,
+    ClientError,
+    TurnResult,
+    add_connection_args,
+    connect,
+    printable,
+    read_audio,
+    run_turn,
+    setup_stdout,
+    token_from,
+    turn_latency_table,
+)
+
+
+async def stream_file(url: str, path: str, *, token: Optional[str] = None, rate: Optional[int] = None,
+                      speed: float = 1.0, packet_ms: float = 20.0, manual: bool = False,
+                      chunk_ms: Optional[int] = None, instructions: Optional[str] = None,
+                      trailing_silence_ms: Optional[float] = None, json_audio: bool = False,
+                      on_event: Optional[Callable[[dict], None]] = None, timeout: float = 60.0) -> TurnResult:
+    """Stream `path` as one turn; returns the TurnResult (`.text`, `.done`). Raises ClientError."""
+    if speed < 0:
+        raise ClientError(f"speed must be >= 0 (0: as fast as possible), got {speed}")
+    if packet_ms <= 0:
+        raise ClientError(f"packet_ms must be > 0, got {packet_ms}")
+    conn = await connect(url, token)
+    async with conn:
+        if on_event is not None:
+            on_event({"type": "session.created", "session": conn.session})
+        update = {}
+        if rate is not None and rate != conn.rate:
+            update["input_sample_rate"] = rate
+        if manual:
+            update["turn_detection"] = None
+        if chunk_ms is not None:
+            update["chunk_ms"] = chunk_ms
+        if instructions is not None:
+            update["instructions"] = instructions
+        if update:
+            session = await conn.update(**update)
+            if on_event is not None:
+                on_event({"type": "session.updated", "session": session})
+        audio = read_audio(path, conn.rate)
+        return await run_turn(conn, audio, packet_ms=packet_ms, speed=speed, trailing_silence_ms=trailing_silence_ms,
+                              as_json=json_audio, on_event=on_event, timeout=timeout)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("wav", help="audio file (wav, flac, ogg: any rate, any channels)")
+    p.add_argument("url_pos", nargs="?", metavar="URL", help=f"server URL (same as --url; default {DEFAULT_URL})")
+    add_connection_args(p)
+    p.add_argument("--speed", type=float, default=1.0, help="x real time; 0 = as fast as possible (default 1.0)")
+    p.add_argument("--packet-ms", type=float, default=20.0, help="audio per websocket frame (default 20)")
+    p.add_argument("--rate", type=int, default=None,
+                   help="send at this input_sample_rate (session.update); default: the session's (16000)")
+    p.add_argument("--manual", action="store_true", help="manual turns: commit + response.create, no server VAD")
+    p.add_argument("--chunk-ms", type=int, default=None, help="encoder chunk for this session (multiple of 80)")
+    p.add_argument("--instructions", default=None, help="system prompt for this session")
+    p.add_argument("--trailing-silence-ms", type=float, default=None,
+                   help="silence after the file in VAD mode (default: silence_duration_ms + 300)")
+    p.add_argument("--json-audio", action="store_true",
+                   help="send input_audio_buffer.append JSON events (base64) instead of binary frames")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for response.done (default 60)")
+    p.add_argument("--json", action="store_true",
+                   help="print every server event as one JSON line (and a final client.summary line) instead")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_stdout()
+    args = parse_args(argv)
+    url = args.url_pos or args.url
+    if not os.path.isfile(args.wav):
+        print(f"file.py: no such file: {args.wav}", file=sys.stderr)
+        return 2
+
+    def on_event(event: dict) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+            return
+        kind = event["type"]
+        if kind in ("session.created", "session.updated"):
+            s = event["session"]
+            mode = "manual commit" if s.get("turn_detection") is None else "server VAD"
+            print(f"{kind}: chunk {s.get('chunk_ms'):g} ms (algorithmic latency {s.get('algorithmic_latency_ms')} ms), "
+                  f"input {s.get('input_sample_rate')} Hz, {mode}", flush=True)
+        elif kind == "input_audio_buffer.speech_started":
+            print(f"[speech started at {event.get('audio_start_ms')} ms]", flush=True)
+        elif kind == "input_audio_buffer.speech_stopped":
+            print(f"[speech stopped at {event.get('audio_end_ms')} ms]", flush=True)
+        elif kind == "response.created":
+            print("assistant: ", end="", flush=True)
+        elif kind == "response.text.delta":
+            print(printable(event.get("delta", "")), end="", flush=True)
+        elif kind == "response.done":
+            r = event["response"]
+            reason = (r.get("status_details") or {}).get("reason")
+            print(f"\n[response {r.get('status')}{' (' + reason + ')' if reason else ''}, "
+                  f"{(r.get('usage') or {}).get('output_tokens')} tokens]", flush=True)
+
+    speed_text = "as fast as possible" if args.speed == 0 else f"{args.speed:g}x real time"
+    if not args.json:
+        print(f"streaming {args.wav} to {url} ({speed_text}, {args.packet_ms:g} ms packets)", flush=True)
+    try:
+        result = asyncio.run(stream_file(
+            url, args.wav, token=token_from(args), rate=args.rate, speed=args.speed, packet_ms=args.packet_ms,
+            manual=args.manual, chunk_ms=args.chunk_ms, instructions=args.instructions,
+            trailing_silence_ms=args.trailing_silence_ms, json_audio=args.json_audio, on_event=on_event,
+            timeout=args.timeout))
+    except ClientError as exc:
+        print(f"file.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps({"type": "client.summary", "text": result.text, "latency_ms": result.latency_ms,
+                          "client_ms": result.client_ms, "audio_ms": round(result.audio_ms, 1)}), flush=True)
+    else:
+        print(turn_latency_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
