@@ -47,8 +47,8 @@ async def send_audio(ws, audio, packet=3200):
 async def start(inference, **overrides):
     from agent.nest.streaming import StreamingNestEncoder
 
-    session = SessionConfig(instructions=SYSTEM, max_response_output_tokens=10)
-    config = ServerConfig(port=0, session=session, **overrides)
+    overrides.setdefault("session", SessionConfig(instructions=SYSTEM, max_response_output_tokens=10))
+    config = ServerConfig(port=0, **overrides)
     engine = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower))
     return await RealtimeServer(engine, config, model_name="tiny-test").start()
 
@@ -357,3 +357,28 @@ async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, s
     assert await fuzzer >= 1000
     events, expected = await spoken_turn(server.url, with_silence(speech), inference)  # still up afterwards
     assert reply_text(events) == expected
+
+
+async def test_max_turn_length_and_idle_timeout(inference, speech):
+    from agent.realtime.engine import SessionConfig
+
+    srv = await start(inference, idle_timeout_s=1.5,
+                      session=SessionConfig(instructions=SYSTEM, max_response_output_tokens=10, max_turn_seconds=1.0))
+    try:
+        async with connect(srv.url) as ws:
+            await ws.recv()
+            await send_audio(ws, speech)  # ~2 s of speech, no pause: longer than the 1 s limit
+            events = await recv_until(ws, "response.done")
+            types = [e["type"] for e in events]
+            error = next(e for e in events if e["type"] == "error")
+            assert error["error"]["code"] == "turn_too_long" and "max_turn_seconds=1" in error["error"]["message"]
+            assert types.index("error") < types.index("input_audio_buffer.committed") < types.index("response.done")
+            # then nothing for longer than the idle timeout
+            event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            while event["type"] != "error":
+                event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert event["error"]["code"] == "idle_timeout"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+    finally:
+        await srv.stop()
