@@ -203,6 +203,8 @@ async def test_healthz_and_metrics(server, inference, speech):
     assert "nestvox_sessions_total" in metrics and "nestvox_turns_total 1" in metrics
     assert 'nestvox_latency_ms_count{stage="speech_end_to_first_token"} 1' in metrics
     assert "nestvox_encoder_batch_size_bucket" in metrics
+    page = (await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/client").read())).decode()
+    assert "/v1/realtime" in page and "getUserMedia" in page and "input_sample_rate" in page
 
 
 # -- bad input: a clear error, and other sessions unaffected -------------------------------

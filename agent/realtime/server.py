@@ -52,6 +52,21 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
+def browser_page() -> Optional[str]:
+    """clients/browser.html, found without importing the clients package."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("clients")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "browser.html")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 class Resampler:
     """Streaming resampler to 16 kHz (soxr keeps its filter state between packets)."""
 
@@ -193,6 +208,13 @@ class RealtimeServer:
             self.metrics.set("nestvox_sessions_active", self.connections)
             response = connection.respond(HTTPStatus.OK, self.metrics.render())
             response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return response
+        if url.path == "/client":  # the browser client, same origin as the websocket
+            page = browser_page()
+            if page is None:
+                return connection.respond(HTTPStatus.NOT_FOUND, "the browser client is not installed\n")
+            response = connection.respond(HTTPStatus.OK, page)
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
             return response
         if url.path not in REALTIME_PATHS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {url.path}: the realtime websocket "

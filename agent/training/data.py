@@ -1,0 +1,217 @@
+"""Training data: NeMo-style JSONL manifests -> batches for `UltravoxModel`.
+
+A batch is built with the model's own `UltravoxProcessor` (it expands `<|audio|>` into exactly
+the positions the encoder produces and computes the log-mel features). The prompt is the chat
+template rendered the way inference renders it (`UltravoxInference.build_prompt`, which the
+realtime Session also follows); the reply tokens and the end-of-turn token are appended after
+it, and only they carry labels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+def read_manifest(path: str, limit: Optional[int] = None) -> List[dict]:
+    items = []
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if not os.path.isabs(item["audio_filepath"]):
+                item["audio_filepath"] = os.path.join(base, item["audio_filepath"])
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+    return items
+
+
+def load_wave(path: str) -> np.ndarray:
+    import soundfile as sf
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    data = data.mean(axis=1)
+    if rate != 16000:
+        import soxr
+
+        data = soxr.resample(data, rate, 16000).astype(np.float32)
+    return data
+
+
+def render_prompt(tokenizer, system_prompt: Optional[str], user_text: str, placeholder: str = "<|audio|>",
+                  audio: bool = True, transcript: Optional[str] = None) -> str:
+    """The chat prompt up to the assistant header, as `UltravoxInference.build_prompt` renders
+    it (a transcript instead of the audio gives the text-only version of the same turn)."""
+    content = user_text
+    if audio:
+        content = content + ("\n" if content else "") + placeholder
+    elif transcript is not None:
+        content = content + ("\n" if content else "") + transcript
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def reply_ids(tokenizer, answer: str) -> List[int]:
+    """The reply's tokens and the end-of-turn token: what generation must produce."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+class Augmenter:
+    """On-the-fly waveform augmentation: speed (resampling), gain, additive noise."""
+
+    def __init__(self, cfg: Optional[dict], rng: np.random.Generator):
+        self.cfg = cfg or {}
+        self.rng = rng
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        c, rng = self.cfg, self.rng
+        if not c:
+            return wave
+        if c.get("speed_prob", 0) > 0 and rng.random() < c["speed_prob"]:
+            import soxr
+
+            factor = rng.uniform(*c["speed"])
+            wave = soxr.resample(wave, 16000 * factor, 16000).astype(np.float32)
+        if c.get("noise_prob", 0) > 0 and rng.random() < c["noise_prob"]:
+            from agent.training.synth import add_noise
+
+            wave = add_noise(wave, rng.uniform(*c["snr_db"]), rng, rng.choice(["white", "pink", "brown"]))
+        if c.get("gain_db"):
+            peak = float(np.abs(wave).max()) + 1e-8
+            gain = 10 ** (rng.uniform(*c["gain_db"]) / 20)
+            wave = wave * min(gain, 0.99 / peak)
+        return wave.astype(np.float32)
+
+
+def spec_augment(features: torch.Tensor, lengths: torch.Tensor, cfg: Optional[dict], gen: torch.Generator) -> torch.Tensor:
+    """SpecAugment-style masks on [B, F, T] log-mel features (set to each item's mean)."""
+    if not cfg:
+        return features
+    features = features.clone()
+    B, F, _ = features.shape
+    for b in range(B):
+        T = int(lengths[b])
+        if T < 2:
+            continue
+        fill = features[b, :, :T].mean()
+        for _ in range(int(cfg.get("freq_masks", 0))):
+            w = int(torch.randint(0, int(cfg["freq_width"]) + 1, (1,), generator=gen))
+            f0 = int(torch.randint(0, max(1, F - w), (1,), generator=gen))
+            features[b, f0:f0 + w, :T] = fill
+        for _ in range(int(cfg.get("time_masks", 0))):
+            w = int(torch.randint(0, max(1, int(cfg["time_width"] * T)) + 1, (1,), generator=gen))
+            t0 = int(torch.randint(0, max(1, T - w), (1,), generator=gen))
+            features[b, :, t0:t0 + w] = fill
+    return features
+
+
+@dataclass
+class Batch:
+    inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask, input_features, feature_lengths, labels
+    items: List[dict]
+    text_inputs: Optional[Dict[str, torch.Tensor]] = None  # the transcript version (for KL / text mixing)
+
+
+def pad_sequences(seqs: Sequence[List[int]], labels: Sequence[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def text_batch(tokenizer, items: Sequence[dict], system_prompts: Sequence[Optional[str]], user_text: str) -> Dict[str, torch.Tensor]:
+    """Text-only examples: the transcript in the user turn, the reply labelled."""
+    seqs, labels = [], []
+    for item, system in zip(items, system_prompts):
+        prompt = tokenizer(render_prompt(tokenizer, system, user_text, audio=False, transcript=item["text"]),
+                           add_special_tokens=False)["input_ids"]
+        reply = reply_ids(tokenizer, item["answer"])
+        seqs.append(prompt + reply)
+        labels.append([IGNORE] * len(prompt) + reply)
+    return pad_sequences(seqs, labels, tokenizer.pad_token_id)
+
+
+class ManifestDataset:
+    """Waveforms held in memory (int16) with their manifest items."""
+
+    def __init__(self, items: List[dict]):
+        self.items = items
+        self.waves = [(np.clip(load_wave(it["audio_filepath"]), -1, 1) * 32767).astype(np.int16) for it in items]
+
+    @classmethod
+    def from_manifest(cls, path: str, limit: Optional[int] = None) -> "ManifestDataset":
+        return cls(read_manifest(path, limit))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def wave(self, i: int) -> np.ndarray:
+        return self.waves[i].astype(np.float32) / 32767.0
+
+
+class Collator:
+    """Items -> model inputs with reply-only labels, through the model's UltravoxProcessor."""
+
+    def __init__(self, processor, system_prompts: Sequence[Optional[str]], user_text: str = "",
+                 augment: Optional[dict] = None, seed: int = 0, with_text: bool = False):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.system_prompts = list(system_prompts) or [None]
+        self.user_text = user_text
+        self.rng = np.random.default_rng(seed)
+        self.pyrng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.augment = augment
+        self.augmenter = Augmenter({k: v for k, v in (augment or {}).items() if k != "spec_augment"}, self.rng)
+        self.with_text = with_text
+
+    def __call__(self, dataset: ManifestDataset, indices: Sequence[int], train: bool = True,
+                 system_prompts: Optional[Sequence[Optional[str]]] = None) -> Batch:
+        items = [dataset.items[i] for i in indices]
+        waves = [dataset.wave(i) for i in indices]
+        if train:
+            waves = [self.augmenter(w) for w in waves]
+        if system_prompts is None:
+            system_prompts = [self.pyrng.choice(self.system_prompts) for _ in items]
+        prompts = [render_prompt(self.tokenizer, s, self.user_text, self.processor.audio_placeholder) for s in system_prompts]
+        enc = self.processor(prompts, audio=waves, sampling_rate=16000)
+        seqs, labels = [], []
+        for i, item in enumerate(items):
+            prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            reply = reply_ids(self.tokenizer, item["answer"])
+            seqs.append(prompt + reply)
+            labels.append([IGNORE] * len(prompt) + reply)
+        inputs = pad_sequences(seqs, labels, self.tokenizer.pad_token_id)
+        features = enc["input_features"]
+        if train and self.augment and self.augment.get("spec_augment"):
+            features = spec_augment(features, enc["feature_lengths"], self.augment["spec_augment"], self.gen)
+        inputs["input_features"] = features
+        inputs["feature_lengths"] = enc["feature_lengths"]
+        text_inputs = text_batch(self.tokenizer, items, system_prompts, self.user_text) if self.with_text else None
+        return Batch(inputs, items, text_inputs)
+
+
+def epoch_batches(n: int, batch_size: int, rng: random.Random):
+    """Endless shuffled index batches (every item once per epoch)."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield order[i:i + batch_size]
