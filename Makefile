@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nestvox-installed
-# Debian packages: speech synthesis and conversion for tests, PortAudio for the mic client.
-DEBS := espeak-ng sox libsndfile1 libportaudio2
+# Debian packages: speech synthesis and conversion for tests, PortAudio for the mic client,
+# Chromium for the browser-client test.
+DEBS := espeak-ng sox libsndfile1 libportaudio2 chromium
 
 .PHONY: run test setup debs clean
 
