@@ -205,3 +205,28 @@ async def test_audio_arriving_during_a_reply_starts_the_next_turn_after_it(engin
     assert reply2 == inference.generate(messages, audio=[first, second], system_prompt="Answer briefly.",
                                         max_new_tokens=40)
     handle.close()
+
+
+async def test_an_encoder_failure_drops_the_turn_and_the_engine_goes_on(engine, inference, utterance, monkeypatch):
+    handle = engine.open_session(config=config(turn_detection=TurnDetectionSettings(mode="manual")))
+    calls = {"n": 0}
+    original = type(engine.streamer).step
+
+    def failing_once(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated encoder fault")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.streamer), "step", failing_once)
+    handle.append_audio(utterance[: SR])
+    event = await handle.next_event(10)
+    assert event["type"] == "error" and "simulated encoder fault" in event["error"]["message"]
+    audio = utterance[: 2 * SR]  # the session still works
+    handle.append_audio(audio)
+    handle.commit()
+    handle.create_response()
+    events = await events_until(handle, "response.done")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    assert text == inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
+    handle.close()

@@ -552,7 +552,18 @@ class Engine:
         for members in groups.values():
             streamer = members[0][0].session.streamer
             states = [live.session.turn.encoder_state for live, _, _ in members]
-            new_states, frames = streamer.step(states, [m[1] for m in members], final=[m[2] for m in members])
+            try:
+                new_states, frames = streamer.step(states, [m[1] for m in members], final=[m[2] for m in members])
+            except Exception as exc:  # drop these turns rather than failing every tick from now on
+                log.exception("encoder step failed")
+                self.stats["errors"] += 1
+                for live, _, _ in members:
+                    live.emit(error_event("server_error", f"the encoder failed on this turn, which was dropped "
+                                                          f"({type(exc).__name__}: {exc})"))
+                    live.spec = None
+                    live.turn_start = live.turn_end = None
+                    live.session.abort_turn()
+                continue
             self.stats["encoder_calls"] += streamer.last_stats.calls
             self.stats["encoder_batch_sizes"] += streamer.last_stats.batch_sizes
             if self.on_encoder_batch is not None:

@@ -25,7 +25,9 @@ Keys (dotted names are what an override uses):
   (LLM on the domain text first, for a built LLM), ``text_mix_weight`` (text-only loss kept
   during joint training), ``max_minutes`` (stop and save when reached), ``seed``.
 * ``loss``: ``kl_weight`` (> 0 adds Ultravox-style KL distillation from the text-only LLM
-  given the transcript; 0 = cross-entropy on the reply tokens only), ``kl_temperature``.
+  given the transcript; 0 = cross-entropy on the reply tokens only), ``kl_temperature``,
+  ``ctc_weight`` (> 0 adds an auxiliary word-level CTC loss on the encoder's deepest selected
+  layer against the transcript: a direct training signal for an encoder trained from scratch).
 * ``augment``: on-the-fly ``noise_prob``, ``snr_db``, ``gain_db``, ``speed_prob``, ``speed``,
   ``spec_augment`` {``freq_masks``, ``freq_width``, ``time_masks``, ``time_width``}.
 * ``eval``: ``every`` (steps), ``val_batches``, ``n_generate`` (greedy exact match),
@@ -81,7 +83,7 @@ DEFAULTS: Dict[str, Any] = {
         "max_minutes": None,
         "threads": 2,
     },
-    "loss": {"kl_weight": 0.0, "kl_temperature": 1.0},
+    "loss": {"kl_weight": 0.0, "kl_temperature": 1.0, "ctc_weight": 0.0},
     "augment": {
         "noise_prob": 0.5,
         "snr_db": [5.0, 30.0],

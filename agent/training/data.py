@@ -136,13 +136,28 @@ def pad_sequences(seqs: Sequence[List[int]], labels: Sequence[List[int]], pad_id
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
+def _cached_ids(tokenizer, kind: str, *key) -> List[int]:
+    """Token ids of a rendered text prompt or a reply, memoized (rendering the chat template
+    per item is slower than the tiny LLM's step)."""
+    cache = tokenizer.__dict__.setdefault("_nestvox_ids_cache", {})
+    full = (kind,) + key
+    if full not in cache:
+        if kind == "reply":
+            ids = reply_ids(tokenizer, key[0])
+        else:
+            system, user_text, transcript = key
+            ids = tokenizer(render_prompt(tokenizer, system, user_text, audio=False, transcript=transcript),
+                            add_special_tokens=False)["input_ids"]
+        cache[full] = ids
+    return list(cache[full])
+
+
 def text_batch(tokenizer, items: Sequence[dict], system_prompts: Sequence[Optional[str]], user_text: str) -> Dict[str, torch.Tensor]:
     """Text-only examples: the transcript in the user turn, the reply labelled."""
     seqs, labels = [], []
     for item, system in zip(items, system_prompts):
-        prompt = tokenizer(render_prompt(tokenizer, system, user_text, audio=False, transcript=item["text"]),
-                           add_special_tokens=False)["input_ids"]
-        reply = reply_ids(tokenizer, item["answer"])
+        prompt = _cached_ids(tokenizer, "text", system, user_text, item["text"])
+        reply = _cached_ids(tokenizer, "reply", item["answer"])
         seqs.append(prompt + reply)
         labels.append([IGNORE] * len(prompt) + reply)
     return pad_sequences(seqs, labels, tokenizer.pad_token_id)
@@ -190,12 +205,14 @@ class Collator:
             waves = [self.augmenter(w) for w in waves]
         if system_prompts is None:
             system_prompts = [self.pyrng.choice(self.system_prompts) for _ in items]
-        prompts = [render_prompt(self.tokenizer, s, self.user_text, self.processor.audio_placeholder) for s in system_prompts]
+        rendered = {s: render_prompt(self.tokenizer, s, self.user_text, self.processor.audio_placeholder)
+                    for s in set(system_prompts)}
+        prompts = [rendered[s] for s in system_prompts]
         enc = self.processor(prompts, audio=waves, sampling_rate=16000)
         seqs, labels = [], []
         for i, item in enumerate(items):
             prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            reply = reply_ids(self.tokenizer, item["answer"])
+            reply = _cached_ids(self.tokenizer, "reply", item["answer"])
             seqs.append(prompt + reply)
             labels.append([IGNORE] * len(prompt) + reply)
         inputs = pad_sequences(seqs, labels, self.tokenizer.pad_token_id)

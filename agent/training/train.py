@@ -7,7 +7,8 @@ What is trained: the projector (layer-fusion weights included) always; the encod
 rest: no separate NEST self-supervised stage); the LLM fully, through LoRA, or not at all
 (``train.llm``). Loss: cross-entropy on the reply tokens (+ end-of-turn token), optionally plus
 KL distillation from the text-only LLM given the transcript (``loss.kl_weight``) and a text-only
-cross-entropy term (``train.text_mix_weight``). A built LLM can first be pre-trained on the
+cross-entropy term (``train.text_mix_weight``) and an auxiliary word-level CTC loss on the encoder
+(``loss.ctc_weight``; its head is training-only and not saved in the model). A built LLM can first be pre-trained on the
 domain's text (``train.text_pretrain_steps``).
 
 Writes ``OUTPUT/checkpoints/step_N`` (self-contained checkpoint + ``trainer_state.pt`` to resume
@@ -239,6 +240,16 @@ class Trainer:
         self.processor = make_processor(self.model, self.tokenizer)
         self.model.config.audio_token_index = self.processor.audio_token_id
         self.teacher = None
+        self.ctc_head = None
+        if float(config["loss"].get("ctc_weight", 0.0)) > 0:
+            words = sorted({w for it in self.train_data.items for w in it["text"].lower().split()})
+            self.ctc_vocab = {w: i + 1 for i, w in enumerate(words)}  # 0 = blank
+            torch.manual_seed(int(config["seed"]) + 5)
+            self.ctc_head = torch.nn.Linear(self.model.config.audio_config.hidden_size, len(words) + 1)
+            if self.resume_state is not None and self.resume_state.get("ctc_head") is not None:
+                self.ctc_head.load_state_dict(self.resume_state["ctc_head"])
+            self._tower_out = None
+            self.model.audio_tower.register_forward_hook(lambda module, args, output: setattr(self, "_tower_out", output))
         self._setup_trainable()
 
     # -- parameters ------------------------------------------------------------------
@@ -275,7 +286,20 @@ class Trainer:
             for ps, wd in ((decay, float(tc["weight_decay"])), (no_decay, 0.0)):
                 if ps:
                     groups.append({"params": ps, "lr": lr * float(scale), "weight_decay": wd, "name": name})
+        if self.ctc_head is not None:
+            groups.append({"params": list(self.ctc_head.parameters()), "lr": lr, "weight_decay": 0.0, "name": "ctc"})
         return groups
+
+    def ctc_loss(self, items) -> torch.Tensor:
+        """Auxiliary word-level CTC on the deepest selected encoder layer (training only: the
+        head is not part of the checkpoint). It gives the from-scratch encoder a direct signal."""
+        out = self._tower_out
+        hidden, lengths = out.hidden_states[-1], out.lengths
+        logp = F.log_softmax(self.ctc_head(hidden).float(), dim=-1).transpose(0, 1)
+        targets = [[self.ctc_vocab[w] for w in it["text"].lower().split() if w in self.ctc_vocab] for it in items]
+        flat = torch.tensor([t for ts in targets for t in ts], dtype=torch.long)
+        target_lengths = torch.tensor([len(ts) for ts in targets], dtype=torch.long)
+        return F.ctc_loss(logp, flat, lengths.long(), target_lengths, blank=0, zero_infinity=True)
 
     def count(self) -> Dict[str, float]:
         def n(m, trainable=False):
@@ -395,6 +419,10 @@ class Trainer:
                 out = self.model(**batch.inputs)
                 loss = out.loss
                 parts = {"ce": float(loss)}
+                if self.ctc_head is not None:
+                    ctc = self.ctc_loss(batch.items)
+                    loss = loss + float(config["loss"]["ctc_weight"]) * ctc
+                    parts["ctc"] = float(ctc)
                 if self.teacher is not None:
                     with torch.no_grad():
                         t_logits = self.teacher(input_ids=batch.text_inputs["input_ids"],
@@ -443,7 +471,8 @@ class Trainer:
 
     def save(self, opt, sched) -> None:
         llm_state = self.model.language_model.state_dict() if has_lora(self.model.language_model) else None
-        state = {"step": self.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "llm_state": llm_state}
+        state = {"step": self.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "llm_state": llm_state,
+                 "ctc_head": self.ctc_head.state_dict() if self.ctc_head is not None else None}
         path = os.path.join(self.out, "checkpoints", f"step_{self.step:06d}")
         save_checkpoint(self.model, self.tokenizer, path, self.config, state)
         for _, old in checkpoints(self.out)[:-int(self.config["eval"]["keep"])]:

@@ -1,0 +1,220 @@
+"""Training pipeline: synthetic data, the domain, a tiny training run, evaluation."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from agent.training.domain import DEVICES, ROOMS, STATES, Domain, arithmetic_example, timer_example
+from agent.training.evaluate import HELD_OUT_ROW, exact_match, score
+from agent.training.synth import ReservedVoiceError, check_voices, synthesize
+from agent.training.voices import is_reserved, reserved_voices, training_voices
+
+MANIFEST_KEYS = {"audio_filepath", "duration", "text", "answer", "intent", "voice", "reserved", "held_out", "slots",
+                 "speed", "pitch", "snr_db", "split", "seed"}
+
+
+# -- voices and the synthesizer ----------------------------------------------------------
+def test_reserved_voice_classification():
+    for voice in ["en-029", "en-gb-scotland", "en-029+f3", "en-us+m6", "en-gb+KLATT4", "en-us-nyc+john",
+                  "en+linda", "en-gb-x-rp+grandpa", "en-gb-scotland+m2", "en-us+f5"]:
+        assert is_reserved(voice), voice
+    for voice in ["en-us", "en-gb", "en-us+m3", "en-gb-x-rp+f4", "en-us+klatt", "en-us+m7", "en+johnny"]:
+        assert not is_reserved(voice), voice
+    train, test = training_voices(), reserved_voices()
+    assert len(train) > 100 and not any(is_reserved(v) for v in train)
+    assert test and all(is_reserved(v) for v in test) and not set(train) & set(test)
+
+
+def test_synth_refuses_reserved_voices_for_training(tmp_path):
+    for split in ("train", "val"):
+        for voice in ("en-us+m6", "en-029", "en-gb-scotland+f3"):
+            with pytest.raises(ReservedVoiceError):
+                check_voices(["en-us", voice], split)
+            with pytest.raises(ReservedVoiceError):
+                synthesize(str(tmp_path / "x"), split, n=2, voices=[voice], workers=1, progress=False)
+    with pytest.raises(ReservedVoiceError):
+        check_voices(["en-029", "en-us+f3"], "test")
+    assert check_voices(["en-029+f3", "en-us+m6"], "test") == ["en-029+f3", "en-us+m6"]
+    assert not os.path.exists(tmp_path / "x" / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def train_manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return synthesize(str(out), "train", n=12, seed=3, workers=2, noise_db=(10, 20), noise_prob=0.5, progress=False,
+                      weights={"device": 0.4, "timer": 0.3, "arithmetic": 0.3})
+
+
+def test_manifest_fields(train_manifest):
+    import soundfile as sf
+
+    items = [json.loads(line) for line in open(train_manifest)]
+    assert len(items) == 12
+    domain = Domain(seed=0)
+    answers = {ex.text: ex.answer for exs in domain.all_examples(include_held_out=True).values() for ex in exs}
+    for it in items:
+        assert MANIFEST_KEYS <= set(it)
+        data, rate = sf.read(it["audio_filepath"], dtype="float32")
+        assert rate == 16000 and data.ndim == 1
+        assert it["duration"] == pytest.approx(len(data) / 16000, abs=1e-3) and 0.5 < it["duration"] < 6
+        assert np.abs(data).max() > 0.1  # speech, not silence
+        assert it["answer"] == answers[it["text"]]
+        assert it["intent"] in ("device", "timer", "arithmetic") and it["split"] == "train"
+        assert not it["reserved"] and not is_reserved(it["voice"]) and not it["held_out"]
+    assert {it["intent"] for it in items} == {"device", "timer", "arithmetic"}
+    assert any(it["snr_db"] is not None for it in items) and any(it["snr_db"] is None for it in items)
+
+
+def test_test_split_uses_reserved_voices_and_held_out_combos(tmp_path):
+    from agent.training.synth import plan_jobs
+
+    jobs = plan_jobs(str(tmp_path), "test", 120, reserved_voices(), 0, Domain(seed=0), (150, 170), (40, 60), None, 0.0)
+    assert all(j["reserved"] for j in jobs)
+    assert any(j["held_out"] for j in jobs) and any(j["intent"] == "device" and not j["held_out"] for j in jobs)
+    train_jobs = plan_jobs(str(tmp_path), "train", 400, training_voices(), 0, Domain(seed=0), (150, 170), (40, 60),
+                           None, 0.0)
+    assert not any(j["held_out"] or j["reserved"] for j in train_jobs)
+
+
+# -- the domain ---------------------------------------------------------------------------
+def test_domain_held_out_device_combinations():
+    domain = Domain(seed=0)
+    every = {(e.slot_dict()["state"], e.slot_dict()["device"], e.slot_dict()["room"]) for e in domain.device_examples("all")}
+    held = {(e.slot_dict()["state"], e.slot_dict()["device"], e.slot_dict()["room"]) for e in domain.device_examples("held_out")}
+    train = {(e.slot_dict()["state"], e.slot_dict()["device"], e.slot_dict()["room"]) for e in domain.device_examples("train")}
+    assert len(every) == len(STATES) * len(DEVICES) * len(ROOMS) == 50
+    assert len(held) >= 0.2 * len(every) and not held & train and held | train == every
+    assert len(domain.held_out) >= 0.2 * len(DEVICES) * len(ROOMS)
+    # every device and room is still trained on, and the choice is deterministic by seed
+    assert {d for _, d, _ in train} == set(DEVICES) and {r for _, _, r in train} == set(ROOMS)
+    assert Domain(seed=0).held_out == domain.held_out and Domain(seed=1).held_out != domain.held_out
+    import random
+
+    sampled = domain.sample(500, random.Random(0))
+    assert not any(e.held_out for e in sampled)
+    assert domain.device_examples("held_out")[0].answer.startswith("Turning ")
+
+
+def test_domain_replies():
+    assert timer_example(7).text == "set a timer for seven minutes" and timer_example(7).answer == "Timer set for 7 minutes."
+    assert timer_example(21).text == "set a timer for twenty one minutes"
+    assert arithmetic_example(7, "times", 8).answer == "7 times 8 is 56."
+    assert arithmetic_example(3, "minus", 5).answer == "3 minus 5 is -2."
+    assert arithmetic_example(12, "plus", 0).text == "what is twelve plus zero"
+    assert len(Domain.arithmetic_examples()) == 3 * 13 * 13 and len(Domain.timer_examples()) == 30
+
+
+# -- evaluation counting ------------------------------------------------------------------
+def test_exact_match_scoring_toy():
+    records = [
+        {"intent": "timer", "answer": "Timer set for 5 minutes.", "prediction": "Timer set for 5 minutes."},
+        {"intent": "timer", "answer": "Timer set for 6 minutes.", "prediction": " Timer set for 6 minutes. "},
+        {"intent": "timer", "answer": "Timer set for 7 minutes.", "prediction": "Timer set for 7 minutes"},
+        {"intent": "arithmetic", "answer": "1 plus 1 is 2.", "prediction": "1 plus 1 is 3."},
+        {"intent": "device", "answer": "Turning on the fan in the office.", "prediction": "Turning on the fan in the office.",
+         "held_out": True},
+        {"intent": "device", "answer": "Turning off the tv in the garage.", "prediction": "Turning off the tv in the garage.",
+         "held_out": False},
+        {"intent": "device", "answer": "Turning on the tv in the garage.", "prediction": "Turning on the TV in the garage.",
+         "held_out": True},
+    ]
+    assert exact_match(" a. ", "a.") and not exact_match("a", "a.")
+    table = score(records)
+    assert list(table) == ["arithmetic", "device", "timer", HELD_OUT_ROW, "overall"]
+    assert table["timer"] == {"n": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}
+    assert table["arithmetic"]["correct"] == 0 and table["device"]["correct"] == 2 and table["device"]["n"] == 3
+    assert table[HELD_OUT_ROW] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert table["overall"] == {"n": 7, "correct": 4, "accuracy": pytest.approx(4 / 7)}
+
+
+# -- a tiny training run -------------------------------------------------------------------
+def tiny_config(manifest, out, steps):
+    from agent.training.config import load_config
+
+    return load_config(None, [
+        f"data.train_manifest={manifest}", f"output_dir={out}", f"train.steps={steps}", "seed=0",
+        "text_model=build:64,2,4,2,128", "tokenizer_vocab_size=300",
+        "audio_model={shape: {d_model: 32, n_layers: 2, n_heads: 2, conv_channels: 8, ff_expansion_factor: 2, "
+        "num_classes: 16}, streaming: true, att_context_size: [16, 1], normalize: NA, conv_norm_type: layer_norm, "
+        "dropout: 0.0}",
+        "stack_factor=3", "train.batch_size=6", "train.lr=3e-3", "train.warmup_steps=3", "train.min_lr_ratio=0.5",
+        "train.text_pretrain_steps=0", "train.text_mix_weight=0.1", "loss.kl_weight=0.1", "loss.ctc_weight=0.2",
+        "augment={}",
+        "eval.every=1000", "eval.val_batches=1", "eval.n_generate=2", "eval.save_every=1000", "eval.max_new_tokens=8",
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(train_manifest, tmp_path_factory):
+    from agent.training.train import Trainer
+
+    out = str(tmp_path_factory.mktemp("run"))
+    trainer = Trainer(tiny_config(train_manifest, out, steps=40), log=lambda *a: None)
+    final = trainer.train()
+    return trainer, final, out
+
+
+def test_training_loss_falls(trained):
+    _, _, out = trained
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    ce = [r["ce"] for r in records]
+    first, last = np.mean(ce[:4]), np.mean(ce[-4:])
+    assert last < 0.5 * first, (first, last)
+    assert "kl" in records[0] and "text" in records[0] and "ctc" in records[0]
+    assert records[-1]["val_loss"] is not None and 0.0 <= records[-1]["val_exact"] <= 1.0
+
+
+def test_checkpoint_reloads_with_identical_logits(trained, train_manifest):
+    from agent.training.data import Collator, ManifestDataset
+    from agent.training.train import make_processor
+    from agent.ultravox import UltravoxInference
+    from agent.ultravox.model import UltravoxModel
+
+    trainer, final, _ = trained
+    for name in ("config.json", "audio_encoder.nemo", "projector.safetensors", "training_config.yaml"):
+        assert os.path.isfile(os.path.join(final, name)), name
+    data = ManifestDataset.from_manifest(train_manifest, limit=4)
+    collator = Collator(make_processor(trainer.model, trainer.tokenizer), [None], augment=None)
+    batch = collator(data, [0, 1, 2, 3], train=False)
+    trainer.model.eval()
+    loaded = UltravoxModel.from_pretrained(final)
+    with torch.no_grad():
+        a = trainer.model(**batch.inputs).logits
+        b = loaded(**batch.inputs).logits
+    assert torch.equal(a, b)
+    assert a.std() > 0.1
+    inference = UltravoxInference(final)
+    wave = data.wave(0)
+    assert inference.generate("", audio=wave, max_new_tokens=8) == UltravoxInference.from_model(
+        trainer.model, trainer.tokenizer).generate("", audio=wave, max_new_tokens=8)
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, train_manifest):
+    from agent.training.train import Trainer, checkpoints
+
+    _, _, out = trained
+    assert [s for s, _ in checkpoints(out)] == [40]
+    trainer = Trainer(tiny_config(train_manifest, out, steps=42), log=lambda *a: None)
+    assert trainer.step == 40
+    trainer.train()
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records][-2:] == [41, 42]
+
+
+def test_evaluate_offline_and_streaming_agree(trained, train_manifest, capsys, tmp_path):
+    from agent.training.evaluate import evaluate
+
+    _, final, _ = trained
+    tables = evaluate(final, train_manifest, streaming=True, limit=3, max_new_tokens=6, show_errors=0,
+                      out_json=str(tmp_path / "eval.json"))
+    assert set(tables) == {"offline", "streaming"}
+    assert tables["offline"]["overall"]["n"] == 3
+    records = json.load(open(tmp_path / "eval.json"))["records"]
+    # a streaming-configured encoder: the Session's greedy replies are the offline ones
+    offline = [r["prediction"] for r in records["offline"]]
+    assert offline == [r["prediction"] for r in records["streaming"]] and any(offline)
+    out = capsys.readouterr().out
+    assert "offline: 3 utterances" in out and "streaming: 3 utterances" in out
