@@ -216,5 +216,6 @@ def test_evaluate_offline_and_streaming_agree(trained, train_manifest, capsys, t
     # a streaming-configured encoder: the Session's greedy replies are the offline ones
     offline = [r["prediction"] for r in records["offline"]]
     assert offline == [r["prediction"] for r in records["streaming"]] and any(offline)
+    assert torch.is_grad_enabled()  # evaluation must not switch gradients off for its caller
     out = capsys.readouterr().out
     assert "offline: 3 utterances" in out and "streaming: 3 utterances" in out

@@ -123,7 +123,6 @@ def evaluate(model_path: str, manifest: str, streaming: bool = False, offline: b
     from agent.training.data import load_wave, read_manifest
     from agent.ultravox import UltravoxInference
 
-    torch.set_grad_enabled(False)
     items = read_manifest(manifest, limit)
     waves = [load_wave(it["audio_filepath"]) for it in items]
     inference = UltravoxInference(model_path)
@@ -137,7 +136,8 @@ def evaluate(model_path: str, manifest: str, streaming: bool = False, offline: b
         start = time.time()
         bar = tqdm(total=len(items), desc=path, file=sys.stderr, mininterval=2.0)
         runner = run_offline if path == "offline" else run_streaming
-        preds = runner(inference, items, waves, system_prompt, max_new_tokens, progress=bar)
+        with torch.no_grad():  # local: callers (tests, training) keep their grad mode
+            preds = runner(inference, items, waves, system_prompt, max_new_tokens, progress=bar)
         bar.close()
         records = [dict(intent=it["intent"], answer=it["answer"], prediction=p, held_out=it.get("held_out", False),
                         voice=it.get("voice"), text=it.get("text")) for it, p in zip(items, preds)]
