@@ -418,11 +418,11 @@ class Trainer:
             with autocast:
                 out = self.model(**batch.inputs)
                 loss = out.loss
-                parts = {"ce": float(loss)}
+                parts = {"ce": float(loss.detach())}
                 if self.ctc_head is not None:
                     ctc = self.ctc_loss(batch.items)
                     loss = loss + float(config["loss"]["ctc_weight"]) * ctc
-                    parts["ctc"] = float(ctc)
+                    parts["ctc"] = float(ctc.detach())
                 if self.teacher is not None:
                     with torch.no_grad():
                         t_logits = self.teacher(input_ids=batch.text_inputs["input_ids"],
@@ -430,11 +430,11 @@ class Trainer:
                     kl = kl_loss(out.logits, batch.inputs["labels"], t_logits, batch.text_inputs["labels"],
                                  float(config["loss"]["kl_temperature"]))
                     loss = loss + float(config["loss"]["kl_weight"]) * kl
-                    parts["kl"] = float(kl)
+                    parts["kl"] = float(kl.detach())
                 if float(tc["text_mix_weight"]) > 0:
                     text_loss = self.model.language_model(**batch.text_inputs).loss
                     loss = loss + float(tc["text_mix_weight"]) * text_loss
-                    parts["text"] = float(text_loss)
+                    parts["text"] = float(text_loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(tc["grad_clip"]))
