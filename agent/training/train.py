@@ -442,11 +442,12 @@ class Trainer:
             sched.step()
             self.step += 1
             utt += len(batch.items)
-            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
                             utt_s=f"{utt / (time.time() - t0):.1f}")
-            record = {"step": self.step, "loss": float(loss), **parts, "lr": sched.get_last_lr()[0],
+            record = {"step": self.step, "loss": value, **parts, "lr": sched.get_last_lr()[0],
                       "grad_norm": float(grad_norm), "elapsed_s": round(time.time() - start, 1)}
             out_of_time = max_seconds is not None and time.time() - start > max_seconds
             if self.step % int(ec["every"]) == 0 or self.step == total or out_of_time:
