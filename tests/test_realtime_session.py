@@ -92,6 +92,7 @@ def test_context_budget_restarts_the_conversation(inference, speech):
     feed_randomly(session, speech, seed=5)  # would not fit after the first turn
     list(session.reply())
     assert session.llm.positions < 2 * used  # the first turn was dropped
+    assert session.llm.positions == used  # and the restarted turn holds each audio group once
     assert session.history[0]["role"] == "user" and len(session.history) == 2
     small = make_session(inference, max_positions=n_audio // 2)
     with pytest.raises(Exception, match="context budget|positions"):

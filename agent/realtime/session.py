@@ -164,8 +164,7 @@ class Session:
             self.llm.prefill_embeds(embeds)
         except ContextFull:
             self._restart_conversation()
-            self.turn.embeddings.append(embeds)  # re-prefilled with the rest
-            self._replay_turn()
+            self._replay_turn()  # the turn's embeddings, this group included
         self.turn.audio_positions += embeds.shape[0]
         return embeds.shape[0]
 
