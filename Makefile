@@ -10,7 +10,12 @@ STAMP := $(VENV)/.nestvox-installed
 # Chromium for the browser-client test.
 DEBS := espeak-ng sox libsndfile1 libportaudio2 chromium
 
-.PHONY: run test setup debs clean
+.PHONY: run test setup debs clean demo-model
+
+# Reproduce the embedded demo model (agent/assets/demo_model): synthetic speech, training, copy.
+# About 50 minutes on 2 CPU cores; see README "Training the demo model".
+DATA ?= .cache/data/home
+DEMO_RUN ?= runs/demo
 
 setup: debs $(STAMP)
 
@@ -35,6 +40,16 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+demo-model: setup
+	$(PY) -m agent.training.synth --out $(DATA) --split train --n 12000 --seed 0
+	$(PY) -m agent.training.synth --out $(DATA) --split val   --n 300   --seed 1
+	$(PY) -m agent.training.synth --out $(DATA) --split test  --n 600   --seed 2
+	$(PY) -m agent.training.synth --out $(DATA) --split text
+	rm -rf $(DEMO_RUN)
+	$(PY) -m agent.training.train --config configs/demo.yaml output_dir=$(DEMO_RUN)
+	rm -rf agent/assets/demo_model && cp -r $(DEMO_RUN)/final agent/assets/demo_model
+	rm -f agent/assets/demo_model/trainer_state.pt
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -76,6 +76,61 @@ def test_test_split_uses_reserved_voices_and_held_out_combos(tmp_path):
     train_jobs = plan_jobs(str(tmp_path), "train", 400, training_voices(), 0, Domain(seed=0), (150, 170), (40, 60),
                            None, 0.0)
     assert not any(j["held_out"] or j["reserved"] for j in train_jobs)
+    # validation uses training voices but does include the held-out combinations, so training
+    # can watch generalization to them without ever touching a reserved voice
+    val_jobs = plan_jobs(str(tmp_path), "val", 400, training_voices(), 1, Domain(seed=0), (150, 170), (40, 60),
+                         None, 0.0)
+    assert not any(j["reserved"] for j in val_jobs)
+    held_val = [j for j in val_jobs if j["held_out"]]
+    assert held_val and all(j["intent"] == "device" for j in held_val)
+    assert {(j["slots"]["device"], j["slots"]["room"]) for j in held_val} <= Domain(seed=0).held_out
+
+
+def test_text_manifest_holds_every_pair_and_sampler_balances_intents(tmp_path):
+    import random
+
+    from agent.training.data import TextPairSampler, read_text_pairs
+    from agent.training.synth import main as synth_main
+
+    synth_main(["--out", str(tmp_path), "--split", "text", "--domain-seed", "0"])
+    pairs = read_text_pairs(str(tmp_path / "text.jsonl"))
+    domain = Domain(seed=0)
+    every = [ex for exs in domain.all_examples(include_held_out=True).values() for ex in exs]
+    assert len(pairs) == len(every) == 50 + 30 + 13 * 13 * 3
+    assert {(p["text"], p["answer"]) for p in pairs} == {(ex.text, ex.answer) for ex in every}
+    held = [p for p in pairs if p["held_out"]]
+    assert len(held) == 10 and all(p["intent"] == "device" for p in held)
+    assert not list(tmp_path.glob("wavs/*"))  # text only
+    drawn = TextPairSampler(pairs, random.Random(0)).sample(6000)
+    share = {k: sum(p["intent"] == k for p in drawn) / len(drawn) for k in ("device", "timer", "arithmetic")}
+    assert all(0.30 < v < 0.37 for v in share.values()), share  # even over intents, not 86% sums
+    assert 0.04 < sum(p["held_out"] for p in drawn) / len(drawn) < 0.09  # 10 of 50 device pairs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "turn on the fan"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_text_pairs(str(bad))
+
+
+def test_epoch_batches_bucket_by_length_and_cover_each_item_once():
+    import random
+
+    from agent.training.data import epoch_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.uniform(1.0, 4.0, 1000)
+    bucketed = epoch_batches(1000, 10, random.Random(0), lengths, bucket_batches=8)
+    plain = epoch_batches(1000, 10, random.Random(0))
+    first = [next(bucketed) for _ in range(100)]
+    assert all(len(b) == 10 for b in first)
+    assert sorted(i for b in first for i in b) == list(range(1000))  # one epoch: every item once
+
+    def spread(batches):
+        return np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+
+    assert spread(first) < 0.2 * spread([next(plain) for _ in range(100)])
+    # batches are shuffled after bucketing: lengths do not trend through the epoch
+    means = [lengths[b].mean() for b in first]
+    assert abs(np.corrcoef(np.arange(100), means)[0, 1]) < 0.4
 
 
 # -- the domain ---------------------------------------------------------------------------
@@ -202,6 +257,31 @@ def test_resume_continues_from_the_last_checkpoint(trained, train_manifest):
     trainer.train()
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in records][-2:] == [41, 42]
+
+
+def test_text_manifest_feeds_text_pretraining_and_the_text_mix(train_manifest, tmp_path):
+    """With data.text_manifest, the LLM learns text pairs that never occur in the audio."""
+    from agent.training.data import render_prompt
+    from agent.training.train import Trainer
+
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "open the pod bay doors", "answer": "Opening the pod bay doors.",
+                                "intent": "device"}) + "\n")
+    config = tiny_config(train_manifest, str(tmp_path / "run"), steps=3)
+    config["data"]["text_manifest"] = str(text)
+    config["train"].update(text_pretrain_steps=60, text_pretrain_lr=5e-3, text_pretrain_batch=8)
+    trainer = Trainer(config, log=lambda *a: None)
+    assert [p["text"] for p in trainer.text_items] == ["open the pod bay doors"]
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    # the text-mix loss is on the memorized pair: far below the reply loss on the audio
+    assert max(r["text"] for r in records) < 0.5 and min(r["ce"] for r in records) > 1.0
+    tok, llm = trainer.tokenizer, trainer.model.language_model.eval()
+    prompt = tok(render_prompt(tok, None, "", audio=False, transcript="open the pod bay doors"),
+                 add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = llm.generate(**prompt, max_new_tokens=40, do_sample=False)
+    assert tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True) == "Opening the pod bay doors."
 
 
 def test_evaluate_offline_and_streaming_agree(trained, train_manifest, capsys, tmp_path):

@@ -15,7 +15,11 @@ Keys (dotted names are what an override uses):
   built with `agent.nest.configs.nest_model_config` (trained from scratch).
 * ``audio_layers`` ("all", "last", "0,2,3" ...), ``stack_factor``, ``projector_hidden_size``.
 * ``data.train_manifest`` / ``data.val_manifest``: NeMo-style JSONL (``audio_filepath``,
-  ``text``, ``answer``, ``intent``).
+  ``text``, ``answer``, ``intent``). ``data.text_manifest``: optional text-only JSONL
+  (``text``, ``answer``) that text pre-training and the text-mix loss draw from instead of the
+  training transcripts (``synth --split text`` writes the demo domain's).
+  ``data.bucket_batches``: batches are formed from pools of this many batches sorted by
+  duration (less padding); 0 = plain shuffled batches.
 * ``prompt.system_prompts``: a list (``null`` = no system prompt), one drawn per item;
   ``prompt.user_text``: text before the audio in the user turn ("" = audio only).
 * ``train``: ``batch_size``, ``steps``, ``lr``, ``warmup_steps``, ``min_lr_ratio`` (cosine
@@ -59,7 +63,8 @@ DEFAULTS: Dict[str, Any] = {
     "stack_factor": 4,
     "projector_hidden_size": None,
     "domain_seed": 0,
-    "data": {"train_manifest": None, "val_manifest": None, "max_train_items": None},
+    "data": {"train_manifest": None, "val_manifest": None, "text_manifest": None, "max_train_items": None,
+             "bucket_batches": 32},
     "prompt": {"system_prompts": [None, "You are a home assistant. Answer briefly."], "user_text": ""},
     "train": {
         "batch_size": 32,

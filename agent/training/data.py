@@ -36,6 +36,37 @@ def read_manifest(path: str, limit: Optional[int] = None) -> List[dict]:
     return items
 
 
+def read_text_pairs(path: str) -> List[dict]:
+    """A text-only JSONL manifest: one ``{"text": transcript, "answer": reply}`` per line."""
+    pairs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if not isinstance(item.get("text"), str) or not isinstance(item.get("answer"), str):
+                raise ValueError(f"{path}:{n}: a text pair needs string 'text' and 'answer' fields")
+            pairs.append(item)
+    if not pairs:
+        raise ValueError(f"{path}: no text pairs")
+    return pairs
+
+
+class TextPairSampler:
+    """Draws text pairs evenly over intents (then uniformly within one), so a small intent
+    (50 device combinations next to 507 sums) is not drowned out."""
+
+    def __init__(self, pairs: Sequence[dict], rng: random.Random):
+        self.groups: Dict[str, List[dict]] = {}
+        for pair in pairs:
+            self.groups.setdefault(str(pair.get("intent", "")), []).append(pair)
+        self.names = sorted(self.groups)
+        self.rng = rng
+
+    def sample(self, n: int) -> List[dict]:
+        return [self.rng.choice(self.groups[self.rng.choice(self.names)]) for _ in range(n)]
+
+
 def load_wave(path: str) -> np.ndarray:
     import soundfile as sf
 
@@ -225,10 +256,23 @@ class Collator:
         return Batch(inputs, items, text_inputs)
 
 
-def epoch_batches(n: int, batch_size: int, rng: random.Random):
-    """Endless shuffled index batches (every item once per epoch)."""
+def epoch_batches(n: int, batch_size: int, rng: random.Random, lengths: Optional[Sequence[float]] = None,
+                  bucket_batches: int = 32):
+    """Endless shuffled index batches (every item once per epoch). With `lengths`, each run of
+    `bucket_batches` batches is drawn from a shuffled pool sorted by length, so a batch holds
+    utterances of similar length (less padding for the encoder and the LLM), and the batches
+    are then shuffled again so lengths do not trend through an epoch."""
     while True:
         order = list(range(n))
         rng.shuffle(order)
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield order[i:i + batch_size]
+        stop = n - batch_size + 1 if n >= batch_size else 1
+        batches = [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+        if lengths is not None and len(batches) > 1:
+            pool = batch_size * max(1, bucket_batches)
+            batches = []
+            for start in range(0, stop, pool):
+                chunk = sorted(order[start:min(start + pool, len(order))], key=lambda i: lengths[i])
+                whole = len(chunk) - len(chunk) % batch_size if len(chunk) >= batch_size else len(chunk)
+                batches += [chunk[i:i + batch_size] for i in range(0, whole, batch_size)]
+            rng.shuffle(batches)
+        yield from batches

@@ -3,6 +3,7 @@ pitches, optionally noisy, into 16 kHz mono PCM16 wavs and a NeMo-style JSONL ma
 
     python -m agent.training.synth --out data/train --split train --n 6000
     python -m agent.training.synth --out data/test --split test --n 600     # reserved voices only
+    python -m agent.training.synth --out data --split text                  # text only: every (prompt, reply)
 
 Each manifest line: ``audio_filepath``, ``duration`` (s), ``text`` (the transcript),
 ``answer`` (the expected reply), ``intent``, ``voice``, ``reserved`` (voice class), ``held_out``
@@ -10,7 +11,11 @@ Each manifest line: ``audio_filepath``, ``duration`` (s), ``text`` (the transcri
 (null = clean), ``split``, ``seed``.
 
 Voices: see `agent.training.voices` for the exact reserved-voice rule. Training and validation
-splits refuse reserved voices; the test split accepts only reserved ones. Rendering runs in a
+splits refuse reserved voices; the test split accepts only reserved ones. Held-out device
+combinations never occur in the train split; val and test include them (half of their device
+items), so validation measures generalization to unseen combinations without touching a
+reserved voice. ``--split text`` writes no audio: ``text.jsonl`` holds every (transcript, reply)
+pair of the domain, held-out combinations included (text for the LLM, not training audio). Rendering runs in a
 pool of worker processes (`--workers`, default 2); every item's randomness comes from
 (seed, index), so the output does not depend on the number of workers.
 """
@@ -34,6 +39,7 @@ from agent.training.voices import is_reserved, reserved_voices, training_voices
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "val", "test")
+TEXT_SPLIT = "text"
 
 
 class ReservedVoiceError(ValueError):
@@ -136,13 +142,13 @@ def plan_jobs(out_dir: str, split: str, n: int, voices: Sequence[str], seed: int
               noise_prob: float, weights: Optional[Dict[str, float]] = None, held_out_share: float = 0.5) -> List[dict]:
     voices = check_voices(voices, split)
     rng = random.Random(f"{split}-{seed}")
-    include_held_out = split == "test"
+    include_held_out = split in ("val", "test")
     examples: List[Example] = domain.sample(n, rng, include_held_out=include_held_out, weights=weights,
                                             held_out_only_share=held_out_share if include_held_out else 0.0)
     wav_dir = os.path.join(out_dir, "wavs")
     jobs = []
     for i, ex in enumerate(examples):
-        if ex.held_out and split != "test":
+        if ex.held_out and split == "train":
             raise AssertionError("held-out device combination in a training split")
         snr = None
         if noise_db is not None and rng.random() < noise_prob:
@@ -186,6 +192,21 @@ def synthesize(out_dir: str, split: str = "train", n: int = 1000, voices: Option
     return manifest
 
 
+def write_text_manifest(out_dir: str, domain_seed: int = 0, manifest: Optional[str] = None) -> Tuple[str, int]:
+    """Every (transcript, reply) pair of the domain as JSONL (``text``, ``answer``, ``intent``,
+    ``held_out``, ``slots``): the text the LLM is pre-trained on and keeps training on."""
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = manifest or os.path.join(out_dir, f"{TEXT_SPLIT}.jsonl")
+    n = 0
+    with open(manifest, "w") as f:
+        for examples in Domain(seed=domain_seed).all_examples(include_held_out=True).values():
+            for ex in examples:
+                f.write(json.dumps({"text": ex.text, "answer": ex.answer, "intent": ex.intent,
+                                    "held_out": ex.held_out, "slots": ex.slot_dict()}) + "\n")
+                n += 1
+    return manifest, n
+
+
 def _progress(iterator, total, enabled, desc):
     if not enabled:
         return iterator
@@ -202,8 +223,9 @@ def read_manifest(path: str) -> List[dict]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (wavs/ and <split>.jsonl)")
-    p.add_argument("--split", default="train", choices=SPLITS,
-                   help="train/val: non-reserved voices only; test: reserved voices only (held-out combos included)")
+    p.add_argument("--split", default="train", choices=SPLITS + (TEXT_SPLIT,),
+                   help="train/val: non-reserved voices only; test: reserved voices only; val/test include the "
+                        "held-out device combinations; text: the domain's text pairs, no audio")
     p.add_argument("--n", type=int, default=1000, help="number of utterances")
     p.add_argument("--voices", default=None,
                    help="comma-separated espeak-ng voices (BASE or BASE+VARIANT); default: every voice allowed for the split")
@@ -218,6 +240,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
     start = time.time()
+    if args.split == TEXT_SPLIT:
+        path, n = write_text_manifest(args.out, args.domain_seed, args.manifest)
+        print(f"wrote {n} text pairs to {path}")
+        return
     try:
         path = synthesize(args.out, args.split, args.n, voices, args.seed, args.domain_seed,
                           parse_range(args.speeds), parse_range(args.pitches), parse_range(args.noise_db),

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from agent.training.config import load_config, save_config
-from agent.training.data import Collator, ManifestDataset, epoch_batches, text_batch
+from agent.training.data import (Collator, ManifestDataset, TextPairSampler, epoch_batches, read_text_pairs,
+                                 text_batch)
 from agent.training.lora import add_lora, has_lora, merged_copy
 
 STATE_FILE = "trainer_state.pt"
@@ -223,7 +224,11 @@ class Trainer:
         self.train_data = ManifestDataset.from_manifest(config["data"]["train_manifest"], config["data"]["max_train_items"])
         self.val_data = (ManifestDataset.from_manifest(config["data"]["val_manifest"])
                          if config["data"]["val_manifest"] else None)
-        corpus = sorted({t for it in self.train_data.items for t in (it["text"], it["answer"])})
+        # Text pairs for the LLM (pre-training and the text-mix loss): a text manifest if given
+        # (the demo's holds every combination of the domain), else the training transcripts.
+        self.text_items = (read_text_pairs(config["data"]["text_manifest"]) if config["data"].get("text_manifest")
+                           else self.train_data.items)
+        corpus = sorted({t for it in self.train_data.items + self.text_items for t in (it["text"], it["answer"])})
         corpus += [p for p in config["prompt"]["system_prompts"] if p]
         self.step = 0
         self.text_pretrained = False
@@ -325,10 +330,10 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, min(100, steps // 10), steps, 0.05))
         rng = random.Random(int(self.config["seed"]) + 11)
         prompts = self.config["prompt"]["system_prompts"] or [None]
-        items = self.train_data.items
+        sampler = TextPairSampler(self.text_items, rng)
         bar = tqdm(range(steps), desc="text pre-train", file=sys.stderr, mininterval=2.0)
         for _ in bar:
-            batch_items = [items[rng.randrange(len(items))] for _ in range(int(tc["text_pretrain_batch"]))]
+            batch_items = sampler.sample(int(tc["text_pretrain_batch"]))
             inputs = text_batch(self.tokenizer, batch_items, [rng.choice(prompts) for _ in batch_items],
                                 self.config["prompt"]["user_text"])
             loss = llm(**inputs).loss
@@ -398,10 +403,18 @@ class Trainer:
         seed = int(config["seed"]) + self.step
         collator = Collator(self.processor, config["prompt"]["system_prompts"], config["prompt"]["user_text"],
                             augment=config["augment"], seed=seed,
-                            with_text=float(config["loss"]["kl_weight"]) > 0 or float(tc["text_mix_weight"]) > 0)
+                            with_text=float(config["loss"]["kl_weight"]) > 0 or (
+                                float(tc["text_mix_weight"]) > 0 and self.text_items is self.train_data.items))
         eval_collator = Collator(self.processor, config["prompt"]["system_prompts"], config["prompt"]["user_text"],
                                  augment=None, seed=0)
-        batches = epoch_batches(len(self.train_data), int(tc["batch_size"]), random.Random(seed))
+        bucket = int(config["data"].get("bucket_batches") or 0)
+        lengths = [float(it.get("duration") or len(w) / 16000) for it, w in zip(self.train_data.items, self.train_data.waves)]
+        batches = epoch_batches(len(self.train_data), int(tc["batch_size"]), random.Random(seed),
+                                lengths if bucket else None, bucket)
+        own_text = self.text_items is self.train_data.items
+        text_sampler = TextPairSampler(self.text_items, random.Random(seed + 17))
+        text_rng = random.Random(seed + 19)
+        prompts = config["prompt"]["system_prompts"] or [None]
         self.model.train()
         self.model.audio_tower.preprocessor.eval()
         self.log(f"parameters: {self.count()}; {len(self.train_data)} training utterances")
@@ -432,7 +445,12 @@ class Trainer:
                     loss = loss + float(config["loss"]["kl_weight"]) * kl
                     parts["kl"] = float(kl.detach())
                 if float(tc["text_mix_weight"]) > 0:
-                    text_loss = self.model.language_model(**batch.text_inputs).loss
+                    text_inputs = batch.text_inputs
+                    if not own_text:
+                        mix = text_sampler.sample(len(batch.items))
+                        text_inputs = text_batch(self.tokenizer, mix, [text_rng.choice(prompts) for _ in mix],
+                                                 config["prompt"]["user_text"])
+                    text_loss = self.model.language_model(**text_inputs).loss
                     loss = loss + float(tc["text_mix_weight"]) * text_loss
                     parts["text"] = float(text_loss.detach())
             opt.zero_grad(set_to_none=True)
