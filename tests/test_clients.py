@@ -1,5 +1,5 @@
 """clients/: file streamer, profiler, load generator and mic client against the real
-server (serve.build_server, the random tiny streaming checkpoint) on loopback.
+server (serve.build_server with no --model: the embedded demo model) on loopback.
 
 The servers run in a background thread with their own event loop, so the clients
 under test (in-process on pytest-asyncio's loop, or as subprocesses) talk to them
@@ -156,6 +156,34 @@ async def test_file_cli_prints_reply(server, speech_wav):
             if line.startswith(("server ", "client "))}
     assert float(rows["server speech_end_to_first_token"]) >= 0
     assert float(rows["client end_to_first_delta"]) >= float(rows["client end_to_speech_stopped"])
+
+
+# Spoken in reserved voices (never heard in training), one request per intent; chosen before the
+# demo model was trained. (A fourth, the held-out combination "turn on the tv in the kitchen" in
+# en-gb-scotland, was chosen too and gets "...the heater in the kitchen.": held-out combinations
+# are the demo model's known weak row, see the README's results table.)
+DEMO_REQUESTS = [
+    ("en-029", "turn off the fan in the bedroom", "Turning off the fan in the bedroom."),
+    ("en-us+linda", "set a timer for twelve minutes", "Timer set for 12 minutes."),
+    ("en-gb-x-rp+m6", "what is seven times eight", "7 times 8 is 56."),
+]
+
+
+async def test_default_server_serves_the_trained_demo_model(server, tmp_path):
+    """`python serve.py` with no --model serves agent/assets/demo_model, which understands speech."""
+    import serve
+
+    from agent.training.voices import is_reserved
+    from conftest import synthesize
+
+    assert serve.parse_args([]).model is None and serve.default_model() == serve.DEMO_MODEL
+    for voice, text, answer in DEMO_REQUESTS:
+        assert is_reserved(voice)
+        wav = synthesize(text, str(tmp_path / f"{voice}.wav"), voice=voice)
+        proc = await asyncio.to_thread(run_cli, "clients/file.py", wav, "--url", server.url, "--speed", "0")
+        assert proc.returncode == 0, proc.stderr
+        replies = [line for line in proc.stdout.splitlines() if line.startswith("assistant: ")]
+        assert replies == ["assistant: " + answer], (voice, text, proc.stdout)
 
 
 async def test_unreachable_server_message(speech_wav):
