@@ -111,6 +111,38 @@ def test_text_manifest_holds_every_pair_and_sampler_balances_intents(tmp_path):
         read_text_pairs(str(bad))
 
 
+def test_extra_training_vocabulary_keeps_held_out_and_test_words_apart(tmp_path):
+    import random
+
+    from agent.training.domain import EXTRA_DEVICES, EXTRA_ROOMS
+    from agent.training.synth import main as synth_main
+    from agent.training.synth import plan_jobs
+
+    plain, extra = Domain(seed=0), Domain(seed=0, extra_vocab=True)
+    assert extra.held_out == plain.held_out
+    assert extra.device_examples("held_out") == plain.device_examples("held_out")
+    train = extra.device_examples("train")
+    pairs = {(e.slot_dict()["device"], e.slot_dict()["room"]) for e in train}
+    assert len(train) == 2 * (10 * 10 - 5) and not pairs & plain.held_out
+    for word in DEVICES + EXTRA_DEVICES:  # every device word is trained with 9 or 10 rooms
+        assert sum(d == word for d, _ in pairs) >= 9
+    for word in ROOMS + EXTRA_ROOMS:
+        assert sum(r == word for _, r in pairs) >= 9
+    jobs = plan_jobs(str(tmp_path), "train", 600, training_voices(), 0, extra, (150, 170), (40, 60), None, 0.0,
+                     weights={"device": 0.5, "timer": 0.25, "arithmetic": 0.25})
+    spoken = " ".join(j["text"] for j in jobs)
+    assert any(w in spoken for w in EXTRA_DEVICES) and any(w in spoken for w in EXTRA_ROOMS)
+    assert not any(j["held_out"] for j in jobs)
+    # val/test never take the extra words (the CLI refuses, the test split's domain has none)
+    with pytest.raises(SystemExit):
+        synth_main(["--out", str(tmp_path), "--split", "test", "--n", "2", "--extra-vocab"])
+    test_jobs = plan_jobs(str(tmp_path), "test", 300, reserved_voices(), 2, plain, (150, 170), (40, 60), None, 0.0)
+    test_text = " ".join(j["text"] for j in test_jobs)
+    assert not any(f" {w} " in f" {test_text} " for w in EXTRA_DEVICES + EXTRA_ROOMS)
+    drawn = extra.sample(20, random.Random(0), weights={"device": 1.0})
+    assert all(e.intent == "device" for e in drawn)
+
+
 def test_epoch_batches_bucket_by_length_and_cover_each_item_once():
     import random
 

@@ -1,7 +1,7 @@
 """Synthetic speech for the home-assistant domain: espeak-ng over many voices, speeds and
 pitches, optionally noisy, into 16 kHz mono PCM16 wavs and a NeMo-style JSONL manifest.
 
-    python -m agent.training.synth --out data/train --split train --n 6000
+    python -m agent.training.synth --out data/train --split train --n 6000 [--extra-vocab] [--weights 0.4,0.2,0.4]
     python -m agent.training.synth --out data/test --split test --n 600     # reserved voices only
     python -m agent.training.synth --out data --split text                  # text only: every (prompt, reply)
 
@@ -172,11 +172,14 @@ def synthesize(out_dir: str, split: str = "train", n: int = 1000, voices: Option
                seed: int = 0, domain_seed: int = 0, speeds: Tuple[float, float] = (120, 230),
                pitches: Tuple[float, float] = (15, 85), noise_db: Optional[Tuple[float, float]] = (5.0, 30.0),
                noise_prob: float = 0.5, workers: int = 2, manifest: Optional[str] = None,
-               weights: Optional[Dict[str, float]] = None, progress: bool = True) -> str:
-    """Render `n` items into `out_dir`; returns the manifest path (default `out_dir/<split>.jsonl`)."""
+               weights: Optional[Dict[str, float]] = None, progress: bool = True, extra_vocab: bool = False) -> str:
+    """Render `n` items into `out_dir`; returns the manifest path (default `out_dir/<split>.jsonl`).
+    `extra_vocab` (train split only) adds the training-only devices and rooms (domain.EXTRA_*)."""
+    if extra_vocab and split != "train":
+        raise ValueError("extra_vocab is for the train split only: val and test keep the domain's own words")
     voices = list(voices) if voices else default_voices(split)
-    jobs = plan_jobs(out_dir, split, n, voices, seed, Domain(seed=domain_seed), speeds, pitches, noise_db,
-                     noise_prob, weights)
+    jobs = plan_jobs(out_dir, split, n, voices, seed, Domain(seed=domain_seed, extra_vocab=extra_vocab), speeds,
+                     pitches, noise_db, noise_prob, weights)
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
     manifest = manifest or os.path.join(out_dir, f"{split}.jsonl")
     items = []
@@ -192,14 +195,15 @@ def synthesize(out_dir: str, split: str = "train", n: int = 1000, voices: Option
     return manifest
 
 
-def write_text_manifest(out_dir: str, domain_seed: int = 0, manifest: Optional[str] = None) -> Tuple[str, int]:
+def write_text_manifest(out_dir: str, domain_seed: int = 0, manifest: Optional[str] = None,
+                        extra_vocab: bool = False) -> Tuple[str, int]:
     """Every (transcript, reply) pair of the domain as JSONL (``text``, ``answer``, ``intent``,
     ``held_out``, ``slots``): the text the LLM is pre-trained on and keeps training on."""
     os.makedirs(out_dir, exist_ok=True)
     manifest = manifest or os.path.join(out_dir, f"{TEXT_SPLIT}.jsonl")
     n = 0
     with open(manifest, "w") as f:
-        for examples in Domain(seed=domain_seed).all_examples(include_held_out=True).values():
+        for examples in Domain(seed=domain_seed, extra_vocab=extra_vocab).all_examples(include_held_out=True).values():
             for ex in examples:
                 f.write(json.dumps({"text": ex.text, "answer": ex.answer, "intent": ex.intent,
                                     "held_out": ex.held_out, "slots": ex.slot_dict()}) + "\n")
@@ -237,18 +241,28 @@ def main(argv=None) -> None:
     p.add_argument("--domain-seed", type=int, default=0, help="seed of the held-out device combinations")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--manifest", default=None, help="manifest path (default OUT/<split>.jsonl)")
+    p.add_argument("--extra-vocab", action="store_true",
+                   help="train/text: also the training-only devices and rooms (agent.training.domain.EXTRA_*)")
+    p.add_argument("--weights", default=None,
+                   help="intent mix DEVICE,TIMER,ARITHMETIC (default 0.3,0.2,0.5)")
     args = p.parse_args(argv)
     voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
+    weights = None
+    if args.weights:
+        parts = [float(w) for w in args.weights.split(",")]
+        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+            p.error(f"--weights takes three non-negative numbers DEVICE,TIMER,ARITHMETIC, got {args.weights!r}")
+        weights = dict(zip(("device", "timer", "arithmetic"), parts))
     start = time.time()
     if args.split == TEXT_SPLIT:
-        path, n = write_text_manifest(args.out, args.domain_seed, args.manifest)
+        path, n = write_text_manifest(args.out, args.domain_seed, args.manifest, args.extra_vocab)
         print(f"wrote {n} text pairs to {path}")
         return
     try:
         path = synthesize(args.out, args.split, args.n, voices, args.seed, args.domain_seed,
                           parse_range(args.speeds), parse_range(args.pitches), parse_range(args.noise_db),
-                          args.noise_prob, args.workers, args.manifest)
-    except ReservedVoiceError as exc:
+                          args.noise_prob, args.workers, args.manifest, weights, extra_vocab=args.extra_vocab)
+    except ValueError as exc:  # reserved voices, extra vocabulary outside the train split
         p.error(str(exc))
     print(f"wrote {args.n} utterances and {path} in {time.time() - start:.1f} s")
 
