@@ -265,14 +265,11 @@ def epoch_batches(n: int, batch_size: int, rng: random.Random, lengths: Optional
     while True:
         order = list(range(n))
         rng.shuffle(order)
-        stop = n - batch_size + 1 if n >= batch_size else 1
-        batches = [order[i:i + batch_size] for i in range(0, stop, batch_size)]
-        if lengths is not None and len(batches) > 1:
+        bucketed = lengths is not None and n >= 2 * batch_size
+        if bucketed:  # pools are whole batches, so sorting a pool keeps batch boundaries
             pool = batch_size * max(1, bucket_batches)
-            batches = []
-            for start in range(0, stop, pool):
-                chunk = sorted(order[start:min(start + pool, len(order))], key=lambda i: lengths[i])
-                whole = len(chunk) - len(chunk) % batch_size if len(chunk) >= batch_size else len(chunk)
-                batches += [chunk[i:i + batch_size] for i in range(0, whole, batch_size)]
+            order = [i for s in range(0, n, pool) for i in sorted(order[s:s + pool], key=lambda i: lengths[i])]
+        batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size)]
+        if bucketed:
             rng.shuffle(batches)
         yield from batches

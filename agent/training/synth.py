@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from agent.training.domain import Domain, Example
+from agent.training.domain import INTENTS, Domain, Example
 from agent.training.voices import is_reserved, reserved_voices, training_voices
 
 SAMPLE_RATE = 16000
@@ -249,10 +249,13 @@ def main(argv=None) -> None:
     voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
     weights = None
     if args.weights:
-        parts = [float(w) for w in args.weights.split(",")]
-        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        try:
+            parts = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != len(INTENTS) or min(parts) < 0 or sum(parts) <= 0:
             p.error(f"--weights takes three non-negative numbers DEVICE,TIMER,ARITHMETIC, got {args.weights!r}")
-        weights = dict(zip(("device", "timer", "arithmetic"), parts))
+        weights = dict(zip(INTENTS, parts))
     start = time.time()
     if args.split == TEXT_SPLIT:
         path, n = write_text_manifest(args.out, args.domain_seed, args.manifest, args.extra_vocab)

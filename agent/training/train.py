@@ -226,8 +226,8 @@ class Trainer:
                          if config["data"]["val_manifest"] else None)
         # Text pairs for the LLM (pre-training and the text-mix loss): a text manifest if given
         # (the demo's holds every combination of the domain), else the training transcripts.
-        self.text_items = (read_text_pairs(config["data"]["text_manifest"]) if config["data"].get("text_manifest")
-                           else self.train_data.items)
+        self.own_text = not config["data"]["text_manifest"]  # text pairs = the batch's own transcripts
+        self.text_items = self.train_data.items if self.own_text else read_text_pairs(config["data"]["text_manifest"])
         corpus = sorted({t for it in self.train_data.items + self.text_items for t in (it["text"], it["answer"])})
         corpus += [p for p in config["prompt"]["system_prompts"] if p]
         self.step = 0
@@ -404,14 +404,12 @@ class Trainer:
         collator = Collator(self.processor, config["prompt"]["system_prompts"], config["prompt"]["user_text"],
                             augment=config["augment"], seed=seed,
                             with_text=float(config["loss"]["kl_weight"]) > 0 or (
-                                float(tc["text_mix_weight"]) > 0 and self.text_items is self.train_data.items))
+                                float(tc["text_mix_weight"]) > 0 and self.own_text))
         eval_collator = Collator(self.processor, config["prompt"]["system_prompts"], config["prompt"]["user_text"],
                                  augment=None, seed=0)
-        bucket = int(config["data"].get("bucket_batches") or 0)
-        lengths = [float(it.get("duration") or len(w) / 16000) for it, w in zip(self.train_data.items, self.train_data.waves)]
-        batches = epoch_batches(len(self.train_data), int(tc["batch_size"]), random.Random(seed),
-                                lengths if bucket else None, bucket)
-        own_text = self.text_items is self.train_data.items
+        bucket = int(config["data"]["bucket_batches"] or 0)
+        lengths = [len(w) for w in self.train_data.waves] if bucket else None
+        batches = epoch_batches(len(self.train_data), int(tc["batch_size"]), random.Random(seed), lengths, bucket)
         text_sampler = TextPairSampler(self.text_items, random.Random(seed + 17))
         text_rng = random.Random(seed + 19)
         prompts = config["prompt"]["system_prompts"] or [None]
@@ -446,7 +444,7 @@ class Trainer:
                     parts["kl"] = float(kl.detach())
                 if float(tc["text_mix_weight"]) > 0:
                     text_inputs = batch.text_inputs
-                    if not own_text:
+                    if not self.own_text:
                         mix = text_sampler.sample(len(batch.items))
                         text_inputs = text_batch(self.tokenizer, mix, [text_rng.choice(prompts) for _ in mix],
                                                  config["prompt"]["user_text"])
