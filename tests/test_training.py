@@ -331,3 +331,33 @@ def test_evaluate_offline_and_streaming_agree(trained, train_manifest, capsys, t
     assert torch.is_grad_enabled()  # evaluation must not switch gradients off for its caller
     out = capsys.readouterr().out
     assert "offline: 3 utterances" in out and "streaming: 3 utterances" in out
+
+
+def test_encoder_ctc_pretraining_trains_the_encoder_alone(train_manifest, tmp_path):
+    """train.ctc_pretrain_steps: the encoder + CTC head learn first; the LLM and projector are
+    untouched by that stage (with train.steps=0 they equal a freshly built model's)."""
+    from agent.training.train import PRETRAIN_METRICS, Trainer
+
+    def config(out, **train):
+        c = tiny_config(train_manifest, str(tmp_path / out), steps=0)
+        c["train"].update(text_mix_weight=0.0, **train)
+        c["loss"]["kl_weight"] = 0.0
+        return c
+
+    fresh = Trainer(config("fresh"), log=lambda *a: None)
+    trainer = Trainer(config("pre", ctc_pretrain_steps=40, ctc_pretrain_lr=3e-3), log=lambda *a: None)
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "pre" / PRETRAIN_METRICS)]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    ctc = [r["ctc"] for r in records]
+    assert np.mean(ctc[-5:]) < 0.6 * np.mean(ctc[:5]), (ctc[:5], ctc[-5:])
+    for name in ("language_model", "projector"):
+        a, b = getattr(trainer.model, name).state_dict(), getattr(fresh.model, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = trainer.model.audio_tower.encoder.state_dict(), fresh.model.audio_tower.encoder.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+    bad = config("bad", ctc_pretrain_steps=5)
+    bad["loss"]["ctc_weight"] = 0.0
+    with pytest.raises(ValueError, match="ctc_weight"):
+        Trainer(bad, log=lambda *a: None).train()

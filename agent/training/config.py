@@ -26,7 +26,10 @@ Keys (dotted names are what an override uses):
   floor), ``weight_decay``, ``grad_clip``, ``precision`` (fp32 | bf16), ``llm`` (full | lora |
   frozen), ``llm_lr_scale``, ``lora_rank``, ``lora_alpha``, ``encoder`` (train | freeze),
   ``encoder_lr_scale``, ``text_pretrain_steps`` / ``text_pretrain_lr`` / ``text_pretrain_batch``
-  (LLM on the domain text first, for a built LLM), ``text_mix_weight`` (text-only loss kept
+  (LLM on the domain text first, for a built LLM), ``ctc_pretrain_steps`` / ``ctc_pretrain_lr``
+  (the encoder alone with the word-CTC head first, needs ``loss.ctc_weight`` > 0: it learns to
+  hear each word where it is spoken before the LLM can learn whole-command shortcuts),
+  ``text_mix_weight`` (text-only loss kept
   during joint training), ``max_minutes`` (stop and save when reached), ``seed``.
 * ``loss``: ``kl_weight`` (> 0 adds Ultravox-style KL distillation from the text-only LLM
   given the transcript; 0 = cross-entropy on the reply tokens only), ``kl_temperature``,
@@ -84,6 +87,8 @@ DEFAULTS: Dict[str, Any] = {
         "text_pretrain_steps": 0,
         "text_pretrain_lr": 2.0e-3,
         "text_pretrain_batch": 64,
+        "ctc_pretrain_steps": 0,
+        "ctc_pretrain_lr": 2.0e-3,
         "text_mix_weight": 0.0,
         "max_minutes": None,
         "threads": 2,

@@ -219,11 +219,6 @@ def _progress(iterator, total, enabled, desc):
     return tqdm(iterator, total=total, desc=f"synth {desc}", unit="utt", file=sys.stderr)
 
 
-def read_manifest(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (wavs/ and <split>.jsonl)")

@@ -9,7 +9,8 @@ rest: no separate NEST self-supervised stage); the LLM fully, through LoRA, or n
 KL distillation from the text-only LLM given the transcript (``loss.kl_weight``) and a text-only
 cross-entropy term (``train.text_mix_weight``) and an auxiliary word-level CTC loss on the encoder
 (``loss.ctc_weight``; its head is training-only and not saved in the model). A built LLM can first be pre-trained on the
-domain's text (``train.text_pretrain_steps``).
+domain's text (``train.text_pretrain_steps``), and the encoder on the word CTC alone
+(``train.ctc_pretrain_steps``, logged to ``OUTPUT/encoder_pretrain.jsonl``).
 
 Writes ``OUTPUT/checkpoints/step_N`` (self-contained checkpoint + ``trainer_state.pt`` to resume
 from) every ``eval.save_every`` steps, ``OUTPUT/final`` (self-contained, what
@@ -176,6 +177,9 @@ def checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
+PRETRAIN_METRICS = "encoder_pretrain.jsonl"  # the encoder CTC pre-training stage, one line per step
+
+
 def load_checkpoint(path: str):
     from transformers import AutoTokenizer
 
@@ -232,13 +236,14 @@ class Trainer:
         corpus += [p for p in config["prompt"]["system_prompts"] if p]
         self.step = 0
         self.text_pretrained = False
+        self.encoder_pretrained = False
         resume_from = checkpoints(self.out)[-1][1] if config.get("resume") and checkpoints(self.out) else None
         self.resume_state = None
         if resume_from:
             self.model, self.tokenizer = load_checkpoint(resume_from)
             self.resume_state = torch.load(os.path.join(resume_from, STATE_FILE), weights_only=False)
             self.step = int(self.resume_state["step"])
-            self.text_pretrained = True
+            self.text_pretrained = self.encoder_pretrained = True
             self.log(f"resuming from {resume_from} (step {self.step})")
         else:
             self.model, self.tokenizer = build_model(config, corpus)
@@ -295,10 +300,11 @@ class Trainer:
             groups.append({"params": list(self.ctc_head.parameters()), "lr": lr, "weight_decay": 0.0, "name": "ctc"})
         return groups
 
-    def ctc_loss(self, items) -> torch.Tensor:
+    def ctc_loss(self, items, out=None) -> torch.Tensor:
         """Auxiliary word-level CTC on the deepest selected encoder layer (training only: the
-        head is not part of the checkpoint). It gives the from-scratch encoder a direct signal."""
-        out = self._tower_out
+        head is not part of the checkpoint). It gives the from-scratch encoder a direct signal.
+        `out`: the encoder output (default: the one the forward hook caught)."""
+        out = out if out is not None else self._tower_out
         hidden, lengths = out.hidden_states[-1], out.lengths
         logp = F.log_softmax(self.ctc_head(hidden).float(), dim=-1).transpose(0, 1)
         targets = [[self.ctc_vocab[w] for w in it["text"].lower().split() if w in self.ctc_vocab] for it in items]
@@ -346,6 +352,49 @@ class Trainer:
         self.text_pretrained = True
         self._setup_trainable()  # back to what the main stage trains
         self.log(f"text pre-training done: loss {loss.item():.4f}")
+
+    # -- encoder (CTC) pre-training ------------------------------------------------------
+    def ctc_pretrain(self, collator: Collator, batches, autocast) -> None:
+        """The encoder and the word-CTC head alone, before the LLM sees any audio. Trained
+        jointly from scratch, the LLM learns to recognize a whole command from any part of it
+        (and answers a held-out device/room combination with a trained one); an encoder that
+        first learns to spell out each word where it is spoken gives it word-level evidence."""
+        tc = self.config["train"]
+        steps = int(tc["ctc_pretrain_steps"])
+        if steps <= 0 or self.encoder_pretrained:
+            return
+        if self.ctc_head is None:
+            raise ValueError("train.ctc_pretrain_steps needs loss.ctc_weight > 0 (the CTC head)")
+        from tqdm import tqdm
+
+        tower = self.model.audio_tower
+        params = [p for p in tower.encoder.parameters()] + list(self.ctc_head.parameters())
+        for p in tower.encoder.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=float(tc["ctc_pretrain_lr"]), betas=(0.9, 0.98), weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, min(200, steps // 10), steps, 0.05))
+        tower.train()
+        tower.preprocessor.eval()
+        bar = tqdm(range(steps), desc="encoder CTC pre-train", file=sys.stderr, mininterval=2.0)
+        ema, start = None, time.time()
+        for step in bar:
+            batch = collator(self.train_data, next(batches), train=True)
+            with autocast:
+                out = tower(batch.inputs["input_features"], batch.inputs["feature_lengths"])
+                loss = self.ctc_loss(batch.items, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, float(tc["grad_clip"]))
+            opt.step()
+            sched.step()
+            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            bar.set_postfix(ctc=f"{ema:.3f}")
+            with open(os.path.join(self.out, PRETRAIN_METRICS), "a") as f:
+                f.write(json.dumps({"step": step + 1, "ctc": float(loss), "lr": sched.get_last_lr()[0],
+                                    "elapsed_s": round(time.time() - start, 1)}) + "\n")
+        self.encoder_pretrained = True
+        self._setup_trainable()
+        self.log(f"encoder CTC pre-training done: ctc loss {ema:.4f} (moving average)")
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -410,14 +459,15 @@ class Trainer:
         bucket = int(config["data"]["bucket_batches"] or 0)
         lengths = [len(w) for w in self.train_data.waves] if bucket else None
         batches = epoch_batches(len(self.train_data), int(tc["batch_size"]), random.Random(seed), lengths, bucket)
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if tc["precision"] == "bf16"
+                    else torch.autocast("cpu", enabled=False))
+        self.ctc_pretrain(collator, batches, autocast)
         text_sampler = TextPairSampler(self.text_items, random.Random(seed + 17))
         text_rng = random.Random(seed + 19)
         prompts = config["prompt"]["system_prompts"] or [None]
         self.model.train()
         self.model.audio_tower.preprocessor.eval()
         self.log(f"parameters: {self.count()}; {len(self.train_data)} training utterances")
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if tc["precision"] == "bf16"
-                    else torch.autocast("cpu", enabled=False))
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         trainable = [p for g in groups for p in g["params"]]
         bar = tqdm(total=total, initial=self.step, desc="train", file=sys.stderr, mininterval=2.0)
