@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--vad-threshold", type=float, default=env("VAD_THRESHOLD", 0.5))
     p.add_argument("--silence-ms", type=int, default=env("SILENCE_MS", 500), help="silence that ends a turn")
     p.add_argument("--prefix-padding-ms", type=int, default=env("PREFIX_PADDING_MS", 300))
+    p.add_argument("--suffix-padding-ms", type=int, default=env("SUFFIX_PADDING_MS", 200),
+                   help="silence after the speech that stays in the turn (capped at --silence-ms)")
     p.add_argument("--instructions", default=env("INSTRUCTIONS", None), help="default system prompt")
     p.add_argument("--max-sessions", type=int, default=env("MAX_SESSIONS", 16))
     p.add_argument("--max-batch", type=int, default=env("MAX_BATCH", 32),
@@ -94,7 +96,8 @@ def build_server(args):
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,
-                                             prefix_padding_ms=args.prefix_padding_ms),
+                                             prefix_padding_ms=args.prefix_padding_ms,
+                                             suffix_padding_ms=args.suffix_padding_ms),
         max_turn_seconds=args.max_turn_seconds,
     )
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins else None

@@ -200,6 +200,29 @@ async def test_default_server_serves_the_trained_demo_model(server, tmp_path):
     assert right >= 2, right
 
 
+async def test_score_cli_streams_a_manifest_and_scores_the_replies(server, tmp_path):
+    """clients/score.py: every manifest utterance through the server, exact match per intent."""
+    from conftest import synthesize
+
+    wav = synthesize("set a timer for twelve minutes", str(tmp_path / "timer.wav"), voice="en-us+linda")
+    manifest = tmp_path / "m.jsonl"
+    lines = [{"audio_filepath": wav, "answer": "Timer set for 12 minutes.", "intent": "timer", "text": "a"},
+             {"audio_filepath": wav, "answer": "Not this.", "intent": "timer", "text": "b"}]
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "score.json"
+    proc = await asyncio.to_thread(run_cli, "clients/score.py", str(manifest), "--url", server.url, "--manual",
+                                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    first, second = result["records"]
+    assert first["prediction"] == second["prediction"] and first["prediction"]  # same file, same turn
+    right = int(first["prediction"] == "Timer set for 12 minutes.")
+    assert result["table"]["timer"] == {"n": 2, "correct": right, "accuracy": right / 2}
+    assert "| timer | 2 |" in proc.stdout and "expected 'Not this.'" in proc.stdout
+    proc = await asyncio.to_thread(run_cli, "clients/score.py", str(tmp_path / "missing.jsonl"), "--url", server.url)
+    assert proc.returncode == 1 and "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
 async def test_unreachable_server_message(speech_wav):
     url = f"ws://127.0.0.1:{free_port()}/v1/realtime"
     with pytest.raises(common.ServerUnreachable) as err:

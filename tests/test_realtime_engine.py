@@ -74,7 +74,7 @@ async def test_server_vad_turn_gets_the_offline_reply(engine, inference, utteran
     assert types.count("input_audio_buffer.speech_stopped") == 1
     assert types.index("input_audio_buffer.committed") < types.index("response.created")
     start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
-    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["turn_end_sample"]
     assert end - start > 1.5 * SR
     text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     done = events[-1]["response"]
@@ -161,7 +161,7 @@ async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_a
     assert engine.stats["speculation_rollbacks"] - before["speculation_rollbacks"] >= 1
     assert engine.stats["speculation_hits"] - before["speculation_hits"] == 1
     start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
-    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["turn_end_sample"]
     text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     assert text == inference.generate("", audio=utterance[start:end], system_prompt="Answer briefly.",
                                       max_new_tokens=12)

@@ -78,6 +78,8 @@ def test_long_silence_ends_one_turn_after_the_final_speech_not_in_the_pause(vad,
     assert end2 <= stopped.sample <= end2 + TOLERANCE
     # ...and only once the configured silence has passed (decided per 32 ms window).
     assert 500 * MS <= stopped.detected_at - stopped.sample < 500 * MS + WINDOW
+    # The turn's audio keeps 200 ms (suffix_padding_ms' default) of that silence.
+    assert stopped.end == stopped.sample + 200 * MS
 
 
 def test_short_silence_setting_ends_a_turn_inside_the_pause(vad, utterance):
@@ -88,8 +90,10 @@ def test_short_silence_setting_ends_a_turn_inside_the_pause(vad, utterance):
     assert end1 <= stop1.sample <= end1 + TOLERANCE
     assert stop1.detected_at <= start2 + TOLERANCE  # decided inside the pause
     assert abs(start_b.onset - start2) <= TOLERANCE
+    # suffix_padding_ms (200) is capped at the 150 ms silence that ends the turn
+    assert stop1.end == stop1.sample + 150 * MS
     # Prefix padding would reach back into the previous turn: it stops at that turn's end.
-    assert start_b.sample == stop1.sample
+    assert start_b.sample == stop1.end
     assert end2 <= stop2.sample <= end2 + TOLERANCE
 
 
@@ -158,7 +162,7 @@ def test_state_machine_on_synthetic_probabilities():
     assert events == [SpeechStarted(sample=4 * WINDOW, onset=4 * WINDOW, barge_in=False, detected_at=6 * WINDOW)]
     # Silence (< 0.35) for 100 ms = 3.125 windows: the turn ends after the 4th silent window.
     events = detector.push_probabilities(np.array([0.1, 0.1, 0.1, 0.1]), 17 * WINDOW)
-    assert events == [SpeechStopped(sample=17 * WINDOW, detected_at=21 * WINDOW)]
+    assert events == [SpeechStopped(sample=17 * WINDOW, detected_at=21 * WINDOW, end=17 * WINDOW + 100 * MS)]
     # A silent stretch interrupted by speech starts counting again.
     detector.push_probabilities(np.array([0.9, 0.9]), 21 * WINDOW)
     assert detector.push_probabilities(np.array([0.1, 0.1, 0.9, 0.1, 0.1, 0.1]), 23 * WINDOW) == []
@@ -185,3 +189,23 @@ def test_settings_validation_and_protocol_round_trip():
         TurnDetectionSettings.from_config({"type": "semantic_vad"})
     with pytest.raises(ValueError, match="object or null"):
         TurnDetectionSettings.from_config("server_vad")
+
+
+def test_suffix_padding_holds_back_only_the_pause_beyond_it():
+    settings = TurnDetectionSettings(threshold=0.5, silence_duration_ms=320, prefix_padding_ms=0,
+                                     suffix_padding_ms=96, min_speech_duration_ms=64)
+    detector = TurnDetector(settings, vad=None)
+    detector._stream = type("Fed", (), {"samples": 0})()  # push_probabilities with a fed-sample count
+    detector.push_probabilities(np.array([0.9] * 6), 0)
+    detector._stream.samples = 6 * WINDOW
+    assert detector.speech_until(10 ** 6) == 6 * WINDOW  # all decided speech
+    detector.push_probabilities(np.array([0.1, 0.1]), 6 * WINDOW)
+    detector._stream.samples = 8 * WINDOW
+    # a pause began at window 6: the turn may take 96 ms of it, the rest waits for the VAD
+    assert detector.speech_until(10 ** 6) == 6 * WINDOW + 96 * MS
+    assert detector.speech_until(6 * WINDOW + 10) == 6 * WINDOW + 10
+    events = detector.push_probabilities(np.array([0.1] * 8), 8 * WINDOW)
+    assert events == [SpeechStopped(sample=6 * WINDOW, detected_at=16 * WINDOW, end=6 * WINDOW + 96 * MS)]
+    assert TurnDetectionSettings.from_config({"suffix_padding_ms": 0}).suffix_padding_ms == 0
+    with pytest.raises(ValueError, match="suffix_padding_ms"):
+        TurnDetectionSettings(suffix_padding_ms=-5)

@@ -75,7 +75,7 @@ def reply_text(events):
 
 def turn_audio(events, audio):
     start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
-    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_sample"]
+    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["turn_end_sample"]
     return audio[start:end]
 
 

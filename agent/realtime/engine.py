@@ -149,17 +149,20 @@ class LiveSession:
 
     def on_speech_stopped(self, event: SpeechStopped) -> None:
         self.speech_end_time = time.perf_counter()
+        # audio_end_*: where the silence began; turn_end_*: where the turn's audio ends
+        # (suffix_padding_ms into that silence)
         self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": event.sample * 1000 // SR,
-                   "audio_end_sample": event.sample})
+                   "audio_end_sample": event.sample, "turn_end_ms": event.end * 1000 // SR,
+                   "turn_end_sample": event.end})
         if self.spec is not None and self.spec["silence"] == event.sample and self.turn_start is not None:
             self.confirm_speculation()
             return
         self.rollback_speculation()
         if self.pending_start is not None:
-            self.pending_end = max(event.sample, self.pending_start)
+            self.pending_end = max(event.end, self.pending_start)
             self.respond_after_turn = self.config.turn_detection.create_response
         elif self.turn_start is not None:
-            self.turn_end = max(event.sample, self.turn_start)
+            self.turn_end = max(event.end, self.turn_start)
             self.respond_after_turn = self.config.turn_detection.create_response
 
     def commit(self) -> None:
@@ -192,8 +195,10 @@ class LiveSession:
                 or self.turn_end is not None or self.reply is not None:
             return False
         silence = self.detector.pending_silence_start
-        if silence is None or self.fed < silence or \
-                self.detector.samples - silence < SPECULATE_AFTER_MS * SR // 1000:
+        if silence is None:
+            return False
+        end = silence + self.detector.suffix_padding  # where the turn ends if this pause ends it
+        if self.fed < end or self.detector.samples - silence < SPECULATE_AFTER_MS * SR // 1000:
             return False
         turn = self.session.turn
         snap = self.session.snapshot()

@@ -10,7 +10,10 @@ Two modes, as in the OpenAI Realtime API's `turn_detection`:
   once the probability has stayed below `threshold - 0.15` (hysteresis, as
   Silero's own iterator does) for `silence_duration_ms`; `SpeechStopped.sample`
   is where that silence began, so a short pause inside an utterance does not end
-  the turn.
+  the turn. The turn's audio ends `suffix_padding_ms` into that silence
+  (`SpeechStopped.end`): speech models are trained on recordings that end in a
+  little silence (the demo model's on 0.05-0.35 s), and a turn cut exactly where
+  the VAD first heard silence is answered less accurately (README, "Turn end").
 - `manual`: nothing is detected (the VAD does not even run); the client ends a
   turn with `commit()`.
 
@@ -43,6 +46,8 @@ class TurnDetectionSettings:
     threshold: speech probability in (0, 1) at which speech starts.
     silence_duration_ms: silence that ends a turn (server_vad).
     prefix_padding_ms: audio kept before the detected speech onset.
+    suffix_padding_ms: silence kept after the speech, as part of the turn (capped at
+        silence_duration_ms: the turn ends once that much silence has been heard).
     min_speech_duration_ms: speech shorter than this does not start a turn.
     create_response / interrupt_response: what the session does on a turn end /
         on barge-in (carried for the session; the detector reports either way)."""
@@ -51,6 +56,7 @@ class TurnDetectionSettings:
     threshold: float = 0.5
     silence_duration_ms: int = 500
     prefix_padding_ms: int = 300
+    suffix_padding_ms: int = 200
     min_speech_duration_ms: int = 64
     create_response: bool = True
     interrupt_response: bool = True
@@ -61,7 +67,7 @@ class TurnDetectionSettings:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
             raise ValueError(f"threshold must be a number in (0, 1), got {t!r}")
-        for name in ("silence_duration_ms", "prefix_padding_ms", "min_speech_duration_ms"):
+        for name in ("silence_duration_ms", "prefix_padding_ms", "suffix_padding_ms", "min_speech_duration_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
                 raise ValueError(f"{name} must be a whole number of milliseconds >= 0, got {v!r}")
@@ -117,10 +123,12 @@ class SpeechStarted:
 @dataclass(frozen=True)
 class SpeechStopped:
     """sample: where the silence that ended the turn began; detected_at: samples fed
-    when it was detected (sample + silence_duration, rounded up to a window)."""
+    when it was detected (sample + silence_duration, rounded up to a window);
+    end: where the turn's audio ends (sample + suffix_padding_ms)."""
 
     sample: int
     detected_at: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,11 @@ class TurnDetector:
         self._silence_start: Optional[int] = None
 
     @property
+    def suffix_padding(self) -> int:
+        """Samples of the closing silence that belong to the turn."""
+        return min(self.settings.suffix_padding_ms, self.settings.silence_duration_ms) * SAMPLES_PER_MS
+
+    @property
     def in_speech(self) -> bool:
         return self._state == _SPEECH
 
@@ -168,13 +181,14 @@ class TurnDetector:
 
     def speech_until(self, available: int) -> int:
         """How far the audio is known to belong to the current turn: a running pause
-        is held back from its first window (it joins the turn only if speech
-        resumes), and samples not yet in a complete VAD window are undecided.
+        is held back from `suffix_padding_ms` after its first window (the rest joins
+        the turn only if speech resumes), and samples not yet in a complete VAD window
+        are undecided.
         `available`: samples the caller holds. Manual mode: all of them."""
         if self.settings.mode == "manual" or self._stream is None:
             return available
         if self._silence_start is not None:
-            return min(available, self._silence_start)
+            return min(available, self._silence_start + self.suffix_padding)
         return min(available, self._origin + self._stream.samples)
 
     def update_settings(self, settings: TurnDetectionSettings) -> None:
@@ -240,7 +254,8 @@ class TurnDetector:
                 elif p < s.neg_threshold and self._silence_start is None:
                     self._silence_start = start
                 if self._silence_start is not None and end - self._silence_start >= silence:
-                    events.append(SpeechStopped(sample=self._silence_start, detected_at=end))
-                    self._floor = self._silence_start
+                    turn_end = self._silence_start + self.suffix_padding
+                    events.append(SpeechStopped(sample=self._silence_start, detected_at=end, end=turn_end))
+                    self._floor = turn_end
                     self._clear_speech()
         return events

@@ -1,0 +1,90 @@
+"""Score a running nestvox server end to end: stream every utterance of a manifest
+through the websocket, exactly as a caller would, and compare each reply with the
+manifest's `answer` (exact match, per intent, as `python -m agent.training.evaluate`).
+
+    python serve.py &                                                   # the demo model
+    python clients/score.py .cache/data/home/val.jsonl --limit 100      # server VAD ends each turn
+    python clients/score.py .cache/data/home/val.jsonl --limit 100 --manual   # the turn is the whole file
+
+`agent.training.evaluate` scores the model on whole files (offline and through a
+streaming Session); this tool adds what only the server does: VAD turn ends
+(`suffix_padding_ms` and the other `turn_detection` settings), resampling,
+packetization. Audio is sent at --speed x real time (0 = as fast as possible),
+one utterance at a time. Prints the table, then the replies that differ from the
+answer; --json PATH writes every reply.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as `python clients/score.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from agent.training.evaluate import format_table, score  # noqa: E402
+from clients.common import ClientError, add_connection_args, setup_stdout, token_from  # noqa: E402
+from clients.file import stream_file  # noqa: E402
+
+
+def read_items(manifest: str, limit: Optional[int]) -> List[dict]:
+    from agent.training.data import read_manifest
+
+    items = read_manifest(manifest, limit)
+    missing = [k for k in ("audio_filepath", "answer", "intent") if items and k not in items[0]]
+    if not items or missing:
+        raise ClientError(f"{manifest}: expected JSONL lines with audio_filepath, answer and intent"
+                          + (f" (missing {missing})" if missing else " (no lines)"))
+    return items
+
+
+async def score_server(url: str, items: List[dict], *, token: Optional[str] = None, manual: bool = False,
+                       speed: float = 0.0, progress: bool = True) -> List[dict]:
+    records = []
+    for i, item in enumerate(items):
+        result = await stream_file(url, item["audio_filepath"], token=token, manual=manual, speed=speed)
+        records.append({"intent": item["intent"], "answer": item["answer"], "prediction": result.text,
+                        "held_out": bool(item.get("held_out")), "text": item.get("text"),
+                        "voice": item.get("voice")})
+        if progress:
+            right = sum(r["prediction"].strip() == r["answer"].strip() for r in records)
+            print(f"\r{i + 1}/{len(items)} utterances, {right} exact", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return records
+
+
+def main(argv=None) -> int:
+    setup_stdout()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", help="JSONL manifest (audio_filepath, answer, intent[, held_out])")
+    add_connection_args(p)
+    p.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    p.add_argument("--manual", action="store_true", help="manual turns (commit + response.create), no server VAD")
+    p.add_argument("--speed", type=float, default=0.0, help="x real time; 0 = as fast as possible (default)")
+    p.add_argument("--json", default=None, help="write the table and every reply here")
+    args = p.parse_args(argv)
+    try:
+        items = read_items(args.manifest, args.limit)
+        records = asyncio.run(score_server(args.url, items, token=token_from(args), manual=args.manual,
+                                           speed=args.speed))
+    except (ClientError, OSError) as exc:
+        print(f"score.py: {exc}", file=sys.stderr)
+        return 1
+    path = "manual turns" if args.manual else "server VAD"
+    table = score(records)
+    print(format_table({f"server ({path})": table}))
+    for r in records:
+        if r["prediction"].strip() != r["answer"].strip():
+            print(f"  {r['text']!r} ({r['voice']}): {r['prediction']!r}, expected {r['answer']!r}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"table": table, "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
