@@ -387,10 +387,11 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, float(tc["grad_clip"]))
             opt.step()
             sched.step()
-            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            value = loss.item()
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.set_postfix(ctc=f"{ema:.3f}")
             with open(os.path.join(self.out, PRETRAIN_METRICS), "a") as f:
-                f.write(json.dumps({"step": step + 1, "ctc": float(loss), "lr": sched.get_last_lr()[0],
+                f.write(json.dumps({"step": step + 1, "ctc": value, "lr": sched.get_last_lr()[0],
                                     "elapsed_s": round(time.time() - start, 1)}) + "\n")
         self.encoder_pretrained = True
         self._setup_trainable()
