@@ -148,24 +148,37 @@ class Session:
     def accept_frames(self, frames: torch.Tensor) -> int:
         """New encoder frames `[K, t, D]` of this turn: stack complete groups, project
         them and pre-fill the embeddings at once."""
+        return self._prefill_groups(self._stack(frames))
+
+    def _stack(self, frames: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """Fuse and stack this turn's new frames `[K, t, D]` into complete groups
+        `[1, n, stack*D]`; `final`: the partial last group too (the turn ended)."""
         turn = self.turn
-        hidden = frames.unsqueeze(1)  # [K, 1, t, D]
-        weights = self.model.projector.fusion_weights().to(hidden.dtype)
-        turn.carry, groups = stack_fuse_stream(turn.carry, hidden, weights, self.stack)
-        return self._prefill_groups(groups)
+        weights = self.model.projector.fusion_weights().to(frames.dtype)
+        turn.carry, groups = stack_fuse_stream(turn.carry, frames.unsqueeze(1), weights, self.stack)
+        if final and turn.carry.pending:
+            groups = torch.cat([groups, stack_fuse_flush(turn.carry, weights, self.stack)], dim=1)
+        return groups
+
+    def _project(self, groups: torch.Tensor) -> Optional[torch.Tensor]:
+        """Groups -> LLM input embeddings `[n, H]` (None when there are none), kept for replay."""
+        if groups.shape[1] == 0:
+            return None
+        with torch.no_grad():
+            embeds = self.model.projector.project(groups.to(self.model.dtype))[0]
+        self.turn.embeddings.append(embeds)
+        self.turn.audio_positions += embeds.shape[0]
+        return embeds
 
     def _prefill_groups(self, groups: torch.Tensor) -> int:
-        if groups.shape[1] == 0:
+        embeds = self._project(groups)
+        if embeds is None:
             return 0
-        with torch.no_grad():
-            embeds = self.model.projector.project(groups.to(self.model.dtype))[0]  # [n, H]
-        self.turn.embeddings.append(embeds)
         try:
             self.llm.prefill_embeds(embeds)
         except ContextFull:
             self._restart_conversation()
             self._replay_turn()  # the turn's embeddings, this group included
-        self.turn.audio_positions += embeds.shape[0]
         return embeds.shape[0]
 
     def end_turn(self, speech_end: Optional[float] = None, frames: Optional[torch.Tensor] = None) -> None:
@@ -181,15 +194,7 @@ class Session:
             (state,), (frames,) = self.streamer.flush([turn.encoder_state])
             turn.encoder_state = state
         turn.times.encoder_done = time.perf_counter()
-        weights = self.model.projector.fusion_weights().to(frames.dtype)
-        turn.carry, groups = stack_fuse_stream(turn.carry, frames.unsqueeze(1), weights, self.stack)
-        if turn.carry.pending:
-            groups = torch.cat([groups, stack_fuse_flush(turn.carry, weights, self.stack)], dim=1)
-        with torch.no_grad():
-            audio = self.model.projector.project(groups.to(self.model.dtype))[0] if groups.shape[1] else None
-        if audio is not None:
-            turn.embeddings.append(audio)
-            turn.audio_positions += audio.shape[0]
+        audio = self._project(self._stack(frames, final=True))
         if turn.audio_positions == 0:
             raise ValueError("the turn holds no audio (less than one encoder frame): nothing to answer")
         after = self._user_ids().after
