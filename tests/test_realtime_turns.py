@@ -195,12 +195,9 @@ def test_suffix_padding_holds_back_only_the_pause_beyond_it():
     settings = TurnDetectionSettings(threshold=0.5, silence_duration_ms=320, prefix_padding_ms=0,
                                      suffix_padding_ms=96, min_speech_duration_ms=64)
     detector = TurnDetector(settings, vad=None)
-    detector._stream = type("Fed", (), {"samples": 0})()  # push_probabilities with a fed-sample count
     detector.push_probabilities(np.array([0.9] * 6), 0)
-    detector._stream.samples = 6 * WINDOW
-    assert detector.speech_until(10 ** 6) == 6 * WINDOW  # all decided speech
+    assert detector.speech_until(10 ** 6) == 6 * WINDOW  # all decided speech, nothing undecided
     detector.push_probabilities(np.array([0.1, 0.1]), 6 * WINDOW)
-    detector._stream.samples = 8 * WINDOW
     # a pause began at window 6: the turn may take 96 ms of it, the rest waits for the VAD
     assert detector.speech_until(10 ** 6) == 6 * WINDOW + 96 * MS
     assert detector.speech_until(6 * WINDOW + 10) == 6 * WINDOW + 10

@@ -157,6 +157,7 @@ class TurnDetector:
         self.samples = 0  # samples fed so far
         self._stream: Optional[VadStream] = None
         self._origin = 0  # stream position of the VAD stream's first sample
+        self._decided: Optional[int] = None  # end of the last window the state machine has seen
         self._floor = 0  # a turn's audio never starts before this (the previous turn's end)
         self._clear_speech()
 
@@ -185,17 +186,18 @@ class TurnDetector:
         the turn only if speech resumes), and samples not yet in a complete VAD window
         are undecided.
         `available`: samples the caller holds. Manual mode: all of them."""
-        if self.settings.mode == "manual" or self._stream is None:
+        if self.settings.mode == "manual" or self._decided is None:
             return available
         if self._silence_start is not None:
             return min(available, self._silence_start + self.suffix_padding)
-        return min(available, self._origin + self._stream.samples)
+        return min(available, self._decided)
 
     def update_settings(self, settings: TurnDetectionSettings) -> None:
         """New settings (e.g. `session.update`). Switching mode drops any speech in progress."""
         if settings.mode != self.settings.mode:
             self._clear_speech()
             self._stream = None  # the VAD did not see the audio in between: start it afresh
+            self._decided = None
         self.settings = settings
 
     def clear(self) -> None:
@@ -234,6 +236,7 @@ class TurnDetector:
         VAD itself, e.g. batched across sessions)."""
         s = self.settings
         events: List[TurnEvent] = []
+        self._decided = first_window + len(probs) * WINDOW
         silence = s.silence_duration_ms * SAMPLES_PER_MS
         min_speech = s.min_speech_duration_ms * SAMPLES_PER_MS
         for k, p in enumerate(np.asarray(probs, dtype=np.float32)):
