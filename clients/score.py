@@ -25,7 +25,7 @@ from typing import List, Optional
 if __package__ in (None, ""):  # run as `python clients/score.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agent.training.evaluate import format_table, score  # noqa: E402
+from agent.training.evaluate import exact_match, format_table, score  # noqa: E402
 from clients.common import ClientError, add_connection_args, setup_stdout, token_from  # noqa: E402
 from clients.file import stream_file  # noqa: E402
 
@@ -50,7 +50,7 @@ async def score_server(url: str, items: List[dict], *, token: Optional[str] = No
                         "held_out": bool(item.get("held_out")), "text": item.get("text"),
                         "voice": item.get("voice")})
         if progress:
-            right = sum(r["prediction"].strip() == r["answer"].strip() for r in records)
+            right = sum(exact_match(r["prediction"], r["answer"]) for r in records)
             print(f"\r{i + 1}/{len(items)} utterances, {right} exact", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     table = score(records)
     print(format_table({f"server ({path})": table}))
     for r in records:
-        if r["prediction"].strip() != r["answer"].strip():
+        if not exact_match(r["prediction"], r["answer"]):
             print(f"  {r['text']!r} ({r['voice']}): {r['prediction']!r}, expected {r['answer']!r}")
     if args.json:
         with open(args.json, "w") as f:

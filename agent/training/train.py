@@ -320,38 +320,55 @@ class Trainer:
                 "llm_M": round(n(self.model.language_model), 3), "trainable_M": round(n(self.model, True), 3)}
 
     # -- text pre-training --------------------------------------------------------------
+    def _pretrain_stage(self, desc: str, params, steps: int, lr: float, warmup_cap: int, step_loss,
+                        betas=(0.9, 0.999), clip: float = 1.0, on_step=None) -> Tuple[float, float]:
+        """One stage of `steps` AdamW updates of `params` (warmup, cosine to 5%), each on the
+        loss `step_loss()` returns. `on_step(step, loss, lr)` after each. Returns (last loss,
+        moving average)."""
+        from tqdm import tqdm
+
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, min(warmup_cap, steps // 10), steps, 0.05))
+        bar = tqdm(range(steps), desc=desc, file=sys.stderr, mininterval=2.0)
+        value = ema = float("nan")
+        for step in bar:
+            loss = step_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            sched.step()
+            value = loss.item()
+            ema = value if step == 0 else 0.95 * ema + 0.05 * value
+            bar.set_postfix(loss=f"{ema:.3f}")
+            if on_step is not None:
+                on_step(step + 1, value, sched.get_last_lr()[0])
+        return value, ema
+
     def text_pretrain(self) -> None:
         tc = self.config["train"]
         steps = int(tc["text_pretrain_steps"])
         if steps <= 0 or self.text_pretrained:
             return
-        from tqdm import tqdm
-
         llm = self.model.language_model
         llm.train()
-        params = [p for p in llm.parameters()]
+        params = list(llm.parameters())
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=float(tc["text_pretrain_lr"]), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, min(100, steps // 10), steps, 0.05))
         rng = random.Random(int(self.config["seed"]) + 11)
         prompts = self.config["prompt"]["system_prompts"] or [None]
         sampler = TextPairSampler(self.text_items, rng)
-        bar = tqdm(range(steps), desc="text pre-train", file=sys.stderr, mininterval=2.0)
-        for _ in bar:
+
+        def step_loss():
             batch_items = sampler.sample(int(tc["text_pretrain_batch"]))
             inputs = text_batch(self.tokenizer, batch_items, [rng.choice(prompts) for _ in batch_items],
                                 self.config["prompt"]["user_text"])
-            loss = llm(**inputs).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            return llm(**inputs).loss
+
+        last, _ = self._pretrain_stage("text pre-train", params, steps, float(tc["text_pretrain_lr"]), 100, step_loss)
         self.text_pretrained = True
         self._setup_trainable()  # back to what the main stage trains
-        self.log(f"text pre-training done: loss {loss.item():.4f}")
+        self.log(f"text pre-training done: loss {last:.4f}")
 
     # -- encoder (CTC) pre-training ------------------------------------------------------
     def ctc_pretrain(self, collator: Collator, batches, autocast) -> None:
@@ -365,34 +382,27 @@ class Trainer:
             return
         if self.ctc_head is None:
             raise ValueError("train.ctc_pretrain_steps needs loss.ctc_weight > 0 (the CTC head)")
-        from tqdm import tqdm
-
         tower = self.model.audio_tower
-        params = [p for p in tower.encoder.parameters()] + list(self.ctc_head.parameters())
+        params = list(tower.encoder.parameters()) + list(self.ctc_head.parameters())
         for p in tower.encoder.parameters():
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=float(tc["ctc_pretrain_lr"]), betas=(0.9, 0.98), weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, min(200, steps // 10), steps, 0.05))
         tower.train()
         tower.preprocessor.eval()
-        bar = tqdm(range(steps), desc="encoder CTC pre-train", file=sys.stderr, mininterval=2.0)
-        ema, start = None, time.time()
-        for step in bar:
+        start = time.time()
+
+        def step_loss():
             batch = collator(self.train_data, next(batches), train=True)
             with autocast:
                 out = tower(batch.inputs["input_features"], batch.inputs["feature_lengths"])
-                loss = self.ctc_loss(batch.items, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, float(tc["grad_clip"]))
-            opt.step()
-            sched.step()
-            value = loss.item()
-            ema = value if ema is None else 0.95 * ema + 0.05 * value
-            bar.set_postfix(ctc=f"{ema:.3f}")
+                return self.ctc_loss(batch.items, out)
+
+        def log_step(step, value, lr):
             with open(os.path.join(self.out, PRETRAIN_METRICS), "a") as f:
-                f.write(json.dumps({"step": step + 1, "ctc": value, "lr": sched.get_last_lr()[0],
+                f.write(json.dumps({"step": step, "ctc": value, "lr": lr,
                                     "elapsed_s": round(time.time() - start, 1)}) + "\n")
+
+        _, ema = self._pretrain_stage("encoder CTC pre-train", params, steps, float(tc["ctc_pretrain_lr"]), 200,
+                                      step_loss, betas=(0.9, 0.98), clip=float(tc["grad_clip"]), on_step=log_step)
         self.encoder_pretrained = True
         self._setup_trainable()
         self.log(f"encoder CTC pre-training done: ctc loss {ema:.4f} (moving average)")
