@@ -247,6 +247,8 @@ class Trainer:
             self.log(f"resuming from {resume_from} (step {self.step})")
         else:
             self.model, self.tokenizer = build_model(config, corpus)
+        if tc.get("attn_implementation"):  # training speed only: what is saved does not change
+            self.model.language_model.set_attn_implementation(str(tc["attn_implementation"]))
         self.processor = make_processor(self.model, self.tokenizer)
         self.model.config.audio_token_index = self.processor.audio_token_id
         self.teacher = None
