@@ -247,7 +247,9 @@ class Trainer:
             self.log(f"resuming from {resume_from} (step {self.step})")
         else:
             self.model, self.tokenizer = build_model(config, corpus)
-        if tc.get("attn_implementation"):  # training speed only: what is saved does not change
+        # The LLM's attention kernel while training (speed only); train() puts the model's own back.
+        self.inference_attn = self.model.language_model.config._attn_implementation
+        if tc.get("attn_implementation"):
             self.model.language_model.set_attn_implementation(str(tc["attn_implementation"]))
         self.processor = make_processor(self.model, self.tokenizer)
         self.model.config.audio_token_index = self.processor.audio_token_id
@@ -542,6 +544,7 @@ class Trainer:
                 bar.write(f"train.max_minutes reached at step {self.step}: stopping")
                 break
         bar.close()
+        self.model.language_model.set_attn_implementation(self.inference_attn)
         final = os.path.join(self.out, "final")
         save_checkpoint(self.model, self.tokenizer, final, config)
         elapsed = time.time() - start
