@@ -43,14 +43,14 @@ def read_items(manifest: str, limit: Optional[int]) -> List[dict]:
 
 async def score_server(url: str, items: List[dict], *, token: Optional[str] = None, manual: bool = False,
                        speed: float = 0.0, progress: bool = True) -> List[dict]:
-    records = []
+    records, right = [], 0
     for i, item in enumerate(items):
         result = await stream_file(url, item["audio_filepath"], token=token, manual=manual, speed=speed)
         records.append({"intent": item["intent"], "answer": item["answer"], "prediction": result.text,
                         "held_out": bool(item.get("held_out")), "text": item.get("text"),
                         "voice": item.get("voice")})
+        right += exact_match(result.text, item["answer"])
         if progress:
-            right = sum(exact_match(r["prediction"], r["answer"]) for r in records)
             print(f"\r{i + 1}/{len(items)} utterances, {right} exact", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)

@@ -227,7 +227,8 @@ def tiny_config(manifest, out, steps):
         "num_classes: 16}, streaming: true, att_context_size: [16, 1], normalize: NA, conv_norm_type: batch_norm, "
         "dropout: 0.0}",
         "stack_factor=3", "train.batch_size=6", "train.lr=3e-3", "train.warmup_steps=3", "train.min_lr_ratio=0.5",
-        "train.text_pretrain_steps=0", "train.text_mix_weight=0.1", "train.attn_implementation=eager", "loss.kl_weight=0.1", "loss.ctc_weight=0.2",
+        "train.text_pretrain_steps=0", "train.text_mix_weight=0.1", "train.attn_implementation=eager",
+        "loss.kl_weight=0.1", "loss.ctc_weight=0.2",
         "augment={}",
         "eval.every=1000", "eval.val_batches=1", "eval.n_generate=2", "eval.save_every=1000", "eval.max_new_tokens=8",
     ])
@@ -262,7 +263,7 @@ def test_checkpoint_reloads_with_identical_logits(trained, train_manifest):
 
     trainer, final, _ = trained
     # trained with eager attention (speed), handed back with the LLM's own kernel
-    assert trainer.model.language_model.config._attn_implementation == "sdpa"
+    assert trainer.model.language_model.config._attn_implementation == trainer.inference_attn != "eager"
     for name in ("config.json", "audio_encoder.nemo", "projector.safetensors", "training_config.yaml"):
         assert os.path.isfile(os.path.join(final, name)), name
     data = ManifestDataset.from_manifest(train_manifest, limit=4)

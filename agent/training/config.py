@@ -29,12 +29,10 @@ Keys (dotted names are what an override uses):
   (LLM on the domain text first, for a built LLM), ``ctc_pretrain_steps`` / ``ctc_pretrain_lr``
   (the encoder alone with the word-CTC head first, needs ``loss.ctc_weight`` > 0: it learns to
   hear each word where it is spoken before the LLM can learn whole-command shortcuts),
-  ``text_mix_weight`` (text-only loss kept
-  during joint training), ``max_minutes`` (stop and save when reached), ``threads``,
-  ``attn_implementation`` (the LLM's attention while training: ``eager`` is faster than
-  ``sdpa`` for the demo's short sequences on CPU, 0.59 vs 0.75 s/step with the
-  README's 45-step speed command; the saved model is
-  unaffected).
+  ``text_mix_weight`` (text-only loss kept during joint training), ``max_minutes`` (stop and
+  save when reached), ``threads``, ``attn_implementation`` (the LLM's attention while training:
+  ``eager`` is faster than ``sdpa`` for the demo's short sequences on CPU, 0.59 vs 0.75 s/step
+  with the README's 45-step speed command; the saved model keeps its own).
 * ``loss``: ``kl_weight`` (> 0 adds Ultravox-style KL distillation from the text-only LLM
   given the transcript; 0 = cross-entropy on the reply tokens only), ``kl_temperature``,
   ``ctc_weight`` (> 0 adds an auxiliary word-level CTC loss on the encoder's deepest selected
