@@ -1,6 +1,9 @@
 """End-of-speech to first token: the streaming session against the offline baseline.
 
     python -m agent.bench ttft [--seconds 2,5,10,20] [--chunk-ms 320] [--repeats 3] [--nest large] [--llm bench]
+                               [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+    python -m agent.bench load [--streams 1,4,8,16] [--duration 30] ...   (agent/bench_load.py: sessions
+                               sustained in real time, batched LLM against round-robin)
 
 One process, one model (random weights are fine for timing): a NEST-L-shaped
 streaming encoder and a ~150M-parameter Llama-style LLM. For each utterance
@@ -19,6 +22,7 @@ Medians over `--repeats`, side by side, with the ratios the targets speak of.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -30,22 +34,72 @@ SR = 16000
 SYSTEM = "You are a helpful voice assistant. Answer briefly."
 
 
-def build(nest: str, llm: str, chunk_frames: int, left_frames: int):
-    """An in-memory Ultravox model with a streaming NEST tower and its inference wrapper."""
+DEVICE_CHOICES = "cpu, cuda or cuda:N"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; choose {DEVICE_CHOICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose {DEVICE_CHOICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str = "cpu", dtype: str = "float32"):
+    """An in-memory Ultravox model with a streaming NEST tower and its inference wrapper,
+    on `device` in `dtype` (the NEST front end, log-mel, stays float32 as NestEncoder keeps it)."""
     from agent.nest import NestEncoder
     from agent.nest.configs import nest_model_config
     from agent.ultravox import UltravoxConfig, UltravoxInference, UltravoxModel
+    from agent.ultravox.inference import resolve_dtype
     from agent.ultravox.text_models import build_llama, build_tokenizer
 
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     tower = NestEncoder(nest_model_config(nest, streaming=True, att_context_size=[left_frames, chunk_frames - 1]),
-                        layer="all")
-    language_model = build_llama(tokenizer, size=llm, vocab_size=32000 if llm == "bench" else None)
+                        torch_dtype=torch_dtype, layer="all")
+    language_model = build_llama(tokenizer, size=llm, vocab_size=32000 if llm == "bench" else None).to(torch_dtype)
     config = UltravoxConfig(audio_config={"model_type": "nest", "layers": "all"}, text_config=language_model.config,
                             stack_factor=8, audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"))
-    model = UltravoxModel(config, audio_tower=tower, language_model=language_model).eval()
-    return UltravoxInference.from_model(model, tokenizer), tokenizer
+    model = UltravoxModel(config, audio_tower=tower, language_model=language_model, dtype=torch_dtype).eval()
+    return UltravoxInference.from_model(model, tokenizer, device=str(dev)), tokenizer
+
+
+def describe_device(model) -> str:
+    """Where the model's weights live, e.g. "cuda:0 (NVIDIA H200) bfloat16"."""
+    param = next(model.language_model.parameters())
+    where = str(param.device)
+    if param.device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(param.device)})"
+    return f"{where} {str(param.dtype).replace('torch.', '')}"
+
+
+def add_model_arguments(p, nest: str = "large", llm: str = "bench") -> None:
+    p.add_argument("--chunk-ms", type=int, default=320)
+    p.add_argument("--left-context-frames", type=int, default=64)
+    p.add_argument("--nest", default=nest, choices=["large", "tiny"])
+    p.add_argument("--llm", default=llm, choices=["tiny", "small", "bench"])
+    p.add_argument("--device", default=os.environ.get("NESTVOX_DEVICE", "cpu"),
+                   help=f"{DEVICE_CHOICES} (env NESTVOX_DEVICE)")
+    p.add_argument("--dtype", default=os.environ.get("NESTVOX_DTYPE", "float32"), choices=DTYPE_CHOICES,
+                   help="model weights' dtype (env NESTVOX_DTYPE)")
+
+
+def synchronize(inference) -> None:
+    """Wait for queued device work, so wall-clock timings on CUDA are real."""
+    if inference.device.type == "cuda":
+        torch.cuda.synchronize(inference.device)
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:
@@ -68,9 +122,11 @@ def session_ttft(inference, streamer, audio: np.ndarray, chunk_samples: int, spe
     for i in range(0, wave.numel(), chunk_samples):
         session.feed(wave[i:i + chunk_samples])  # while the user talks: not counted
     hidden = 0.0
+    synchronize(inference)
     if speculative:  # during the silence the VAD waits out
         start = time.perf_counter()
         session.end_turn()
+        synchronize(inference)
         hidden = time.perf_counter() - start
     start = time.perf_counter()  # end of speech detected
     if not speculative:
@@ -90,10 +146,12 @@ def floor_ttft(inference, streamer, chunk_samples: int) -> float:
     state = streamer.init_state()
     (state,), _ = streamer.step([state], [torch.from_numpy(speech_like(0.5, 9))])
     piece = torch.from_numpy(speech_like(chunk_samples / SR, 10))
+    synchronize(inference)
     start = time.perf_counter()
     streamer.step([state], [piece])
     llm.prefill_ids(after)
     llm.decode_step(5)
+    synchronize(inference)
     return time.perf_counter() - start
 
 
@@ -102,14 +160,15 @@ def ttft(args) -> None:
     from agent.realtime.baseline import offline_first_token
 
     chunk = max(1, args.chunk_ms // 80)
-    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames)
+    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames, device=args.device, dtype=args.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
                                         left_context_frames=args.left_context_frames)
     params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
     print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
-          f"{torch.get_num_threads()} threads, medians of {args.repeats}", flush=True)
+          f"{describe_device(inference.model)}, {torch.get_num_threads()} threads, medians of {args.repeats}",
+          flush=True)
     samples = chunk * 1280
     # warm-up: allocations and kernel selection happen on first calls
     session_ttft(inference, streamer, speech_like(1.0, 0), samples)
@@ -142,19 +201,28 @@ def ttft(args) -> None:
 
 
 def main(argv=None) -> None:
+    from agent import bench_load
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("ttft", help="end of speech -> first token, session vs offline")
     p.add_argument("--seconds", default="2,5,10,20")
-    p.add_argument("--chunk-ms", type=int, default=320)
-    p.add_argument("--left-context-frames", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--nest", default="large", choices=["large", "tiny"])
-    p.add_argument("--llm", default="bench", choices=["tiny", "small", "bench"])
+    add_model_arguments(p)
+    p = sub.add_parser("load", help="N real-time streams on one engine: batched LLM vs round-robin",
+                       description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    bench_load.add_arguments(p)
     args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_flush_denormal(True)
     if args.what == "ttft":
         ttft(args)
+    elif args.what == "load":
+        bench_load.load(args)
 
 
 if __name__ == "__main__":
