@@ -108,29 +108,55 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
     return (rng.standard_normal(n) * 0.1 * (0.2 + np.abs(np.sin(np.arange(n) / SR * 3)))).astype(np.float32)
 
 
+class _SessionFeeds:
+    """The Session API before SingleStream: the session ran its own encoder stream."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def feed(self, audio: torch.Tensor) -> int:
+        return self.session.feed(audio)
+
+    def end_turn(self, speech_end=None) -> None:
+        self.session.end_turn(speech_end=speech_end)
+
+
+def single_stream(inference, streamer, max_new_tokens: int):
+    """One conversation streamed in this thread: `.feed(packet)`, `.end_turn()`, `.session`."""
+    import inspect
+
+    from agent.realtime.sampling import GenerationSettings
+    from agent.realtime.session import Session
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    if "streamer" in inspect.signature(Session.__init__).parameters:
+        return _SessionFeeds(Session(inference.model, inference.tokenizer, streamer, system_prompt=SYSTEM,
+                                     settings=settings))
+    from agent.realtime.single_stream import SingleStream
+
+    return SingleStream(Session(inference.model, inference.tokenizer, system_prompt=SYSTEM, settings=settings),
+                        streamer)
+
+
 def session_ttft(inference, streamer, audio: np.ndarray, chunk_samples: int, speculative: bool = False):
     """Seconds from end of speech to the first token. Speculative: the end-of-turn
     work runs during the VAD's silence window (as the engine does), so only picking
     the first token is left when the end is detected; returns (ttft, hidden work)."""
-    from agent.realtime.sampling import GenerationSettings
-    from agent.realtime.session import Session
-
-    session = Session(inference.model, inference.tokenizer, streamer, system_prompt=SYSTEM,
-                      settings=GenerationSettings(max_new_tokens=1))
-    session.start_turn()
+    stream = single_stream(inference, streamer, max_new_tokens=1)
+    session = stream.session
     wave = torch.from_numpy(audio)
     for i in range(0, wave.numel(), chunk_samples):
-        session.feed(wave[i:i + chunk_samples])  # while the user talks: not counted
+        stream.feed(wave[i:i + chunk_samples])  # while the user talks: not counted
     hidden = 0.0
     synchronize(inference)
     if speculative:  # during the silence the VAD waits out
         start = time.perf_counter()
-        session.end_turn()
+        stream.end_turn()
         synchronize(inference)
         hidden = time.perf_counter() - start
     start = time.perf_counter()  # end of speech detected
     if not speculative:
-        session.end_turn(speech_end=start)
+        stream.end_turn(speech_end=start)
     session.turn.times.first_token = None
     next(iter(session.reply()), None)
     return session.turn.times.first_token - start, hidden

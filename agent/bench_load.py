@@ -116,8 +116,9 @@ def synthesize_utterances(texts: Sequence[str] = UTTERANCES) -> Tuple[List[np.nd
 def read_event(event) -> Tuple[str, dict]:
     """(kind, fields) for an engine event: kind is "speech_stopped", "delta" {delta},
     "done" {status, text, output_tokens, latency_ms}, "error" {code, message} or "other".
-    Takes today's OpenAI-shaped dicts and typed event objects (agent.realtime.events:
-    SpeechStopped, TextDelta, ResponseDone, Error) alike."""
+    Takes OpenAI-shaped dicts (the engine's events before agent.realtime.events) and
+    typed event objects (SpeechStoppedEvent, TextDeltaEvent, ResponseDoneEvent,
+    ErrorEvent; the "Event" suffix is optional) alike."""
     if isinstance(event, dict):
         kind = event.get("type", "")
         if kind == "input_audio_buffer.speech_stopped":
@@ -135,6 +136,8 @@ def read_event(event) -> Tuple[str, dict]:
             return "error", {"code": err.get("code"), "message": err.get("message")}
         return "other", {}
     name = type(event).__name__
+    if name.endswith("Event"):  # agent.realtime.events: SpeechStoppedEvent, TextDeltaEvent, ...
+        name = name[:-len("Event")]
     if name == "SpeechStopped":
         return "speech_stopped", {}
     if name == "TextDelta":
@@ -242,8 +245,12 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
                       label: str = "") -> dict:
     """Drive `streams` real-time streams on a started engine for `duration` seconds;
     returns {"turns": [TurnRecord], "elapsed_s", "client_lag_ms", "errors": [...]}."""
-    from agent.realtime.engine import SessionConfig
     from agent.realtime.turns import TurnDetectionSettings
+
+    try:
+        from agent.realtime.config import SessionConfig
+    except ImportError:  # before the engine's rewrite
+        from agent.realtime.engine import SessionConfig
 
     loop = asyncio.get_running_loop()
     packet = SR * PACKET_MS // 1000
@@ -348,11 +355,13 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
     for task in pending:
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    if time.perf_counter() < deadline:  # every stream had its last turn: the run still lasts `duration`
+        await asyncio.sleep(deadline - time.perf_counter())
     elapsed = time.perf_counter() - t0
     for i, res in enumerate(results):
         if isinstance(res, Exception) and not isinstance(res, asyncio.CancelledError):
             errors.append({"stream": i, "code": "client_exception", "message": f"{type(res).__name__}: {res}"})
-    return {"turns": turns, "elapsed_s": elapsed, "t0": t0, "client_lag_ms": lags, "errors": errors}
+    return {"turns": turns, "duration_s": duration, "elapsed_s": elapsed, "t0": t0, "client_lag_ms": lags, "errors": errors}
 
 
 # -- summaries ----------------------------------------------------------------------------
@@ -394,7 +403,7 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
     decoding = union_seconds([(t.first_token, t.done) for t in completed if t.first_token is not None])
     engine_e2ft = [t.latency_ms.get("speech_end_to_first_token") for t in completed]
     return {
-        "mode": mode, "streams": streams, "elapsed_s": round(elapsed, 2),
+        "mode": mode, "streams": streams, "duration_s": run.get("duration_s"), "elapsed_s": round(elapsed, 2),
         "turns": len(counted), "on_time": len(on_time), "completed": len(completed),
         "cut": len([t for t in turns if t.done is None]),
         "streams_replied": len({t.stream for t in completed}),
@@ -405,7 +414,7 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
                            "n": len([v for v in engine_e2ft if v is not None])},
         "session_tok_s": {"p50": pct(rates, 50), "min": min(rates) if rates else None, "n": len(rates)},
         "output_tokens": tokens,
-        "decoding_s": round(decoding, 3),
+        "decoding_s": decoding,
         "agg_tok_s_decoding": tokens / decoding if decoding > 0 else None,
         "agg_tok_s_run": tokens / elapsed if elapsed > 0 else None,
         "encoder_s": encoder_s, "audio_s": audio_s,
@@ -588,7 +597,6 @@ def load(args) -> dict:
         warnings.simplefilter("ignore")
         streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
                                         left_context_frames=args.left_context_frames)
-    torch.set_grad_enabled(False)
     params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
     print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
           f"{describe_device(inference.model)}, {torch.get_num_threads()} threads; streams {streams}, "
@@ -596,7 +604,7 @@ def load(args) -> dict:
           flush=True)
     report = run_load(inference.model, tokenizer, streamer, streams=streams, duration=args.duration, modes=modes,
                       budget_ms=args.budget_ms, silence_ms=args.silence_ms, max_batch=args.max_batch,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, warm=not args.no_warm_up)
     report.update({"nest": args.nest, "llm": args.llm, "device": args.device, "dtype": args.dtype,
                    "chunk_ms": chunk * 80, "threads": torch.get_num_threads()})
     print("\n" + format_table(report["results"]))
@@ -625,4 +633,5 @@ def add_arguments(p) -> None:
     p.add_argument("--silence-ms", type=int, default=500, help="the server VAD's silence_duration_ms")
     p.add_argument("--max-tokens", type=int, default=64, help="max_response_output_tokens per reply")
     p.add_argument("--max-batch", type=int, default=None, help="Engine max_batch (default: N)")
+    p.add_argument("--no-warm-up", action="store_true", help="skip the one-turn warm-up before the runs")
     p.add_argument("--json", default=None, help="write the report here")
