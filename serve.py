@@ -46,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--max-sessions", type=int, default=env("MAX_SESSIONS", 16))
     p.add_argument("--max-batch", type=int, default=env("MAX_BATCH", 32),
                    help="sessions per batched encoder step (1 = no batching)")
+    p.add_argument("--llm-batching", choices=["on", "off"], default=env("LLM_BATCHING", "on"),
+                   help="on: one batched LLM forward per engine tick for every session (a KV-cache slot each); "
+                        "off: a batch-1 cache per session, replies decoded round-robin (the old baseline)")
+    p.add_argument("--chunk-sizes-ms", default=env("CHUNK_SIZES_MS", "80,160,320,640,1280"),
+                   help="chunk sizes a session may ask for (session.update chunk_ms), built at start-up")
     p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
     p.add_argument("--max-turn-seconds", type=float, default=env("MAX_TURN_SECONDS", 60.0))
     p.add_argument("--idle-timeout-s", type=float, default=env("IDLE_TIMEOUT_S", 300.0))
@@ -75,7 +80,8 @@ def build_server(args):
     import torch
 
     from agent.nest.streaming import StreamingNestEncoder
-    from agent.realtime.engine import Engine, SessionConfig
+    from agent.realtime.config import SessionConfig
+    from agent.realtime.engine import Engine
     from agent.realtime.server import RealtimeServer, ServerConfig
     from agent.realtime.turns import TurnDetectionSettings
     from agent.ultravox import UltravoxInference
@@ -92,7 +98,10 @@ def build_server(args):
         warnings.simplefilter("default")
         streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left)
     torch.set_grad_enabled(False)
-    engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch)
+    offered = [int(ms) for ms in str(args.chunk_sizes_ms).split(",") if ms.strip()]
+    engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
+                    max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
+                    offered_chunk_ms=offered)
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,

@@ -4,7 +4,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.config import SessionConfig
+from agent.realtime.engine import Engine
+from agent.realtime.wire import to_wire
 from agent.realtime.turns import TurnDetectionSettings
 
 SR = 16000
@@ -50,13 +52,18 @@ def send_in_packets(handle, audio, seed):
         i += n
 
 
+async def next_wire(handle, timeout):
+    """The next engine event as its protocol JSON (the last one, for a response's two)."""
+    return to_wire(await handle.next_event(timeout))[-1]
+
+
 async def events_until(handle, kind, timeout=60):
     seen = []
     while True:
-        event = await handle.next_event(timeout)
-        seen.append(event)
-        if event["type"] == kind:
-            return seen
+        for event in to_wire(await handle.next_event(timeout)):
+            seen.append(event)
+            if event["type"] == kind:
+                return seen
 
 
 def config(**kw):
@@ -101,7 +108,7 @@ async def test_manual_commit_then_response_create(engine, inference, utterance):
     text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     assert text == inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
     handle.commit()  # nothing new to commit
-    event = await handle.next_event(5)
+    event = await next_wire(handle, 5)
     assert event["type"] == "error" and event["error"]["code"] == "input_audio_buffer_commit_empty"
     handle.close()
 
@@ -143,7 +150,7 @@ async def three_interleaved_callers(engine, inference, utterance):
 
 async def test_concurrent_sessions_share_encoder_calls(engine, inference, utterance):
     await three_interleaved_callers(engine, inference, utterance)
-    assert max(engine.stats["encoder_batch_sizes"]) >= 2
+    assert engine.stats["encoder_batch_max"] >= 2
 
 
 async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_at_the_end(engine, inference,
@@ -177,7 +184,7 @@ async def test_without_batching_every_session_is_still_served(inference, utteran
                  max_batch=1).start()
     try:
         await three_interleaved_callers(eng, inference, utterance)
-        assert max(eng.stats["encoder_batch_sizes"]) == 1
+        assert eng.stats["encoder_batch_max"] == 1
     finally:
         eng.stop()
 
@@ -220,7 +227,7 @@ async def test_an_encoder_failure_drops_the_turn_and_the_engine_goes_on(engine, 
 
     monkeypatch.setattr(type(engine.streamer), "step", failing_once)
     handle.append_audio(utterance[: SR])
-    event = await handle.next_event(10)
+    event = await next_wire(handle, 10)
     assert event["type"] == "error" and "simulated encoder fault" in event["error"]["message"]
     audio = utterance[: 2 * SR]  # the session still works
     handle.append_audio(audio)

@@ -1,10 +1,13 @@
-"""Session: streamed pre-fill gives exactly the offline model's reply."""
+"""Session: streamed pre-fill gives exactly the offline model's reply, on its own
+LLMState and on a slot of the engine's BatchedLLM alike."""
 import numpy as np
 import pytest
 import torch
 
 from agent.realtime.sampling import GenerationSettings
+from agent.realtime.llm_batch import BatchedLLM
 from agent.realtime.session import Session
+from agent.realtime.single_stream import SingleStream
 
 SYSTEM = "You are a helpful voice assistant. Answer briefly."
 
@@ -14,26 +17,35 @@ def inference(streaming_inference):
     return streaming_inference
 
 
-def make_session(inference, **kwargs):
-    from agent.nest.streaming import StreamingNestEncoder
+@pytest.fixture(params=["own_cache", "batched_slot"])
+def make_session(request, inference):
+    def make(inference, **kwargs):
+        llm = None
+        if request.param == "batched_slot":  # slot 1 of 3, so the slot index matters
+            batch = BatchedLLM(inference.model.language_model, slots=3, max_positions=kwargs.get("max_positions"))
+            batch.open()
+            llm = batch.open()
+        return Session(inference.model, inference.tokenizer, llm=llm, **kwargs)
 
-    streamer = StreamingNestEncoder(inference.model.audio_tower)
-    return Session(inference.model, inference.tokenizer, streamer, **kwargs)
+    return make
 
 
 def feed_randomly(session, audio, seed):
+    from agent.nest.streaming import StreamingNestEncoder
+
+    stream = SingleStream(session, StreamingNestEncoder(session.model.audio_tower))
     rng = np.random.default_rng(seed)
     wave = torch.from_numpy(np.asarray(audio, dtype=np.float32))
     session.start_turn()
     i = 0
     while i < wave.numel():
         n = int(rng.integers(1, 9000))
-        session.feed(wave[i:i + n])
+        stream.feed(wave[i:i + n])
         i += n
-    session.end_turn()
+    stream.end_turn()
 
 
-def test_streamed_reply_equals_offline_generate(inference, speech):
+def test_streamed_reply_equals_offline_generate(make_session, inference, speech):
     session = make_session(inference, system_prompt=SYSTEM, settings=GenerationSettings(max_new_tokens=12))
     feed_randomly(session, speech, seed=0)
     deltas = list(session.reply())
@@ -48,7 +60,7 @@ def test_streamed_reply_equals_offline_generate(inference, speech):
     assert times["speech_end_to_first_token"] >= times["speech_end_to_encoder_done"] >= 0
 
 
-def test_second_turn_equals_offline_two_turn_conversation(inference, speech):
+def test_second_turn_equals_offline_two_turn_conversation(make_session, inference, speech):
     session = make_session(inference, system_prompt=SYSTEM, settings=GenerationSettings(max_new_tokens=10))
     second = np.concatenate([speech[len(speech) // 3:], speech[: len(speech) // 3]])  # different audio
     feed_randomly(session, speech, seed=1)
@@ -65,7 +77,7 @@ def test_second_turn_equals_offline_two_turn_conversation(inference, speech):
     assert positions_after_turn_1 > 0 and len(session.history) == 4
 
 
-def test_cancel_stops_the_reply_and_keeps_what_was_said(inference, speech):
+def test_cancel_stops_the_reply_and_keeps_what_was_said(make_session, inference, speech):
     session = make_session(inference, settings=GenerationSettings(max_new_tokens=40))
     feed_randomly(session, speech, seed=3)
     reply = session.reply()
@@ -78,7 +90,7 @@ def test_cancel_stops_the_reply_and_keeps_what_was_said(inference, speech):
     assert isinstance(rest, list)
 
 
-def test_context_budget_restarts_the_conversation(inference, speech):
+def test_context_budget_restarts_the_conversation(make_session, inference, speech):
     n_audio = inference.processor.audio_token_count(len(speech))
     probe = make_session(inference, settings=GenerationSettings(max_new_tokens=8))
     feed_randomly(probe, speech, seed=4)

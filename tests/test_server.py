@@ -9,7 +9,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.config import SessionConfig
+from agent.realtime.engine import Engine
 from agent.realtime.server import RealtimeServer, ServerConfig
 
 SR = 16000
@@ -362,7 +363,7 @@ async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, s
 
 
 async def test_max_turn_length_and_idle_timeout(inference, speech):
-    from agent.realtime.engine import SessionConfig
+    from agent.realtime.config import SessionConfig
 
     srv = await start(inference, idle_timeout_s=1.5,
                       session=SessionConfig(instructions=SYSTEM, max_response_output_tokens=10, max_turn_seconds=1.0))

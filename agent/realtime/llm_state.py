@@ -117,6 +117,13 @@ class LLMState:
         """Append one token (the one just picked); returns the logits for the next."""
         return self.prefill_ids([int(token_id)])
 
+    # This state runs every call at once; the batched slot state (llm_batch.py) queues
+    # them instead. Both speak this interface, so Session runs on either.
+    pending = 0
+
+    def queue_token(self, token_id: int) -> None:
+        self.decode_step(token_id)
+
     def _run(self, embeds: torch.Tensor) -> torch.Tensor:
         n = embeds.shape[1]
         if n == 0:

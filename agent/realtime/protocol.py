@@ -26,8 +26,9 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
-from agent.realtime.engine import SessionConfig
+from agent.realtime.config import SessionConfig
 from agent.realtime.turns import TurnDetectionSettings
+from agent.realtime.wire import error_event
 
 CLIENT_EVENTS = (
     "session.update",
@@ -49,10 +50,7 @@ class ProtocolError(Exception):
         self.event_id = event_id
 
     def event(self) -> dict:
-        error: Dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.event_id:
-            error["event_id"] = self.event_id
-        return {"type": "error", "error": error}
+        return error_event(self.code, self.message, self.event_id)
 
 
 @dataclass
@@ -170,22 +168,3 @@ def apply_session_update(event: dict, config: SessionConfig, wire: WireSettings,
     if unknown:
         raise ProtocolError("invalid_session_config", f"unknown session field(s): {sorted(unknown)}", event_id)
     return dataclasses.replace(config, **changes), dataclasses.replace(wire, **wire_changes)
-
-
-def session_description(sid: str, config: SessionConfig, wire: WireSettings, chunk_ms: float,
-                        latency_ms: float, model: str) -> dict:
-    """The effective settings, as session.created / session.updated carry them."""
-    return {
-        "id": sid,
-        "model": model,
-        "instructions": config.instructions,
-        "turn_detection": config.turn_detection.to_config(),
-        "input_audio_format": wire.input_audio_format,
-        "input_sample_rate": wire.input_sample_rate,
-        "chunk_ms": chunk_ms,
-        "algorithmic_latency_ms": round(latency_ms, 1),
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "max_response_output_tokens": config.max_response_output_tokens,
-        "max_turn_seconds": config.max_turn_seconds,
-    }

@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from agent.realtime.engine import Engine, SessionConfig
+from agent.realtime.config import SessionConfig
+from agent.realtime.engine import Engine
 from agent.realtime.metrics import BATCH_BUCKETS, Metrics
 from agent.realtime.protocol import (
     ProtocolError,
@@ -31,8 +32,8 @@ from agent.realtime.protocol import (
     decode_append,
     parse_event,
     pcm16_to_float,
-    session_description,
 )
+from agent.realtime.wire import session_description, to_wire
 
 log = logging.getLogger("nestvox.server")
 REALTIME_PATHS = ("/v1/realtime", "/")
@@ -131,24 +132,27 @@ class Connection:
             self.handle.close()  # frees the session's caches, even mid-turn
 
     async def forward_events(self) -> None:
-        metrics = self.server.metrics
         while True:
-            event = await self.handle.next_event()
-            kind = event["type"]
-            if kind == "response.done":
-                response = event["response"]
-                metrics.inc("nestvox_responses_total", status=response["status"])
-                for stage, value in (response.get("latency_ms") or {}).items():
-                    if value is not None:
-                        metrics.observe("nestvox_latency_ms", value, stage=stage)
-            elif kind == "input_audio_buffer.committed":
-                metrics.inc("nestvox_turns_total")
-            elif kind == "error":
-                metrics.inc("nestvox_errors_total", code=event["error"]["code"])
-            try:
-                await self.send(event)
-            except Exception:  # the client is gone; the reader's finally cleans up
-                return
+            for event in to_wire(await self.handle.next_event()):
+                self.count(event)
+                try:
+                    await self.send(event)
+                except Exception:  # the client is gone; the reader's finally cleans up
+                    return
+
+    def count(self, event: dict) -> None:
+        metrics = self.server.metrics
+        kind = event["type"]
+        if kind == "response.done":
+            response = event["response"]
+            metrics.inc("nestvox_responses_total", status=response["status"])
+            for stage, value in (response.get("latency_ms") or {}).items():
+                if value is not None:
+                    metrics.observe("nestvox_latency_ms", value, stage=stage)
+        elif kind == "input_audio_buffer.committed":
+            metrics.inc("nestvox_turns_total")
+        elif kind == "error":
+            metrics.inc("nestvox_errors_total", code=event["error"]["code"])
 
     async def on_message(self, message) -> None:
         size = len(message)

@@ -1,20 +1,24 @@
 """Session: one conversation that pre-fills the LLM while the user speaks.
 
-State, all explicit: the turn's encoder stream state, the leftover frames of the
-stacking buffer, the LLM's KV cache (`LLMState`) and the conversation so far.
+State, all explicit: the leftover frames of the stacking buffer, the LLM's KV
+cache (an `LLMState`, or a slot of the engine's `BatchedLLM`) and the
+conversation so far. The session never runs the encoder: whoever owns the
+encoder stream (the engine, or `SingleStream` for one conversation alone) hands
+it the new frames.
 
-    session = Session(model, tokenizer, streamer, system_prompt="Answer briefly.")
+    session = Session(model, tokenizer, system_prompt="Answer briefly.")
     session.start_turn()                 # pre-fills the template up to the audio
-    session.feed(packet)                 # encodes complete chunks, pre-fills their embeddings
+    session.accept_frames(frames)        # stacks complete groups, pre-fills their embeddings
     ...
-    session.end_turn()                   # flush: last group + the rest of the user turn + assistant header
-    for delta in session.reply():        # greedy or sampled, text deltas
+    session.end_turn(frames=last)        # last group + the rest of the user turn + assistant header
+    for delta in session.reply():        # greedy or sampled, text deltas ("" for a token with no text yet)
         ...
 
-`feed` runs the encoder for this session alone; the engine instead batches the
-encoder step of many sessions and hands each its frames (`accept_frames`). The
-reply is kept in the cache (re-tokenized as the offline path would see it), so
-the next turn pre-fills only its new tokens.
+With a `BatchedLLM` slot the pre-fills are queued and run in the engine's one
+batched forward per tick; each `next()` of the reply picks one token and queues
+it for the next batched decode forward. The reply is kept in the cache
+(re-tokenized as the offline path would see it), so the next turn pre-fills
+only its new tokens.
 """
 from __future__ import annotations
 
@@ -61,8 +65,7 @@ class TurnTimes:
 class Turn:
     """The user turn in progress."""
 
-    encoder_state: object  # EncoderStreamState
-    carry: StackCarry
+    carry: Optional[StackCarry]
     start_position: int  # KV positions before this turn's `before` ids
     audio_position: int  # KV position of the first audio embedding
     embeddings: List[torch.Tensor] = field(default_factory=list)  # kept to rebuild after a context reset
@@ -80,16 +83,16 @@ class ReplyResult:
 
 
 class Session:
-    def __init__(self, model, tokenizer, streamer, system_prompt: Optional[str] = None, user_text: str = "",
-                 settings: Optional[GenerationSettings] = None, max_positions: Optional[int] = None):
+    def __init__(self, model, tokenizer, system_prompt: Optional[str] = None, user_text: str = "",
+                 settings: Optional[GenerationSettings] = None, max_positions: Optional[int] = None, llm=None):
+        """`llm`: the conversation's LLM state (default: its own `LLMState`)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.streamer = streamer
         self.system_prompt = system_prompt or None
         self.user_text = user_text  # text before the audio in each user message ("" = audio only)
         self.placeholder = model.config.audio_placeholder
         self.stack = model.config.stack_factor
-        self.llm = LLMState(model.language_model, max_positions)
+        self.llm = llm if llm is not None else LLMState(model.language_model, max_positions)
         default_stops = stop_ids(tokenizer.eos_token_id, model.language_model.generation_config.eos_token_id)
         self.settings = settings or GenerationSettings(max_new_tokens=64)
         if not self.settings.stop_token_ids:
@@ -133,17 +136,7 @@ class Session:
             start = 0
             ids = self._user_ids()
             self.llm.prefill_ids(ids.before)
-        self.turn = Turn(encoder_state=self.streamer.init_state(), carry=None, start_position=start,
-                         audio_position=self.llm.positions)
-
-    def feed(self, audio: torch.Tensor) -> int:
-        """This session alone: encode the complete chunks of `audio` and pre-fill them.
-        Returns the number of audio positions pre-filled."""
-        if not self.listening:
-            self.start_turn()
-        (state,), (frames,) = self.streamer.step([self.turn.encoder_state], [audio])
-        self.turn.encoder_state = state
-        return self.accept_frames(frames)
+        self.turn = Turn(carry=None, start_position=start, audio_position=self.llm.positions)
 
     def accept_frames(self, frames: torch.Tensor) -> int:
         """New encoder frames `[K, t, D]` of this turn: stack complete groups, project
@@ -181,18 +174,15 @@ class Session:
             self._replay_turn()  # the turn's embeddings, this group included
         return embeds.shape[0]
 
-    def end_turn(self, speech_end: Optional[float] = None, frames: Optional[torch.Tensor] = None) -> None:
-        """End of the user turn: flush the encoder (unless the engine already did and
-        passes its `frames`), the partial frame group, and pre-fill the rest of the
-        user turn and the assistant header, all in ONE LLM forward (the LLM step is
-        weight-bandwidth bound on CPU: one call, not two, after the user stops)."""
+    def end_turn(self, frames: torch.Tensor, speech_end: Optional[float] = None) -> None:
+        """End of the user turn: the encoder's last `frames` (its flush), the partial
+        frame group, and the rest of the user turn and the assistant header go into
+        ONE LLM pre-fill (the LLM step is weight-bandwidth bound: one call, not two,
+        after the user stops)."""
         turn = self.turn
         if turn is None or turn.ended:
             raise RuntimeError("no user turn in progress")
         turn.times.speech_end = speech_end if speech_end is not None else time.perf_counter()
-        if frames is None:
-            (state,), (frames,) = self.streamer.flush([turn.encoder_state])
-            turn.encoder_state = state
         turn.times.encoder_done = time.perf_counter()
         audio = self._project(self._stack(frames, final=True))
         if turn.audio_positions == 0:
@@ -215,10 +205,11 @@ class Session:
         """What `end_turn` changes, so a speculative end of turn can be undone."""
         turn = self.turn
         carry = turn.carry
-        return {"positions": self.llm.positions, "logits": self.llm.last_logits,
+        # Queued (not yet run) pre-fill has no logits yet; reading them would run it alone.
+        return {"positions": self.llm.positions, "logits": None if self.llm.pending else self.llm.last_logits,
                 "carry": None if carry is None else StackCarry(None if carry.frames is None else carry.frames.clone()),
                 "embeddings": len(turn.embeddings), "audio_positions": turn.audio_positions,
-                "history": len(self.history), "encoder_state": turn.encoder_state, "times": dataclasses.replace(turn.times)}
+                "history": len(self.history), "times": dataclasses.replace(turn.times)}
 
     def restore(self, snap: dict) -> None:
         """Undo a speculative `end_turn`: the user kept talking."""
@@ -226,12 +217,12 @@ class Session:
         if self.llm.positions < snap["positions"]:
             raise RuntimeError("the conversation was restarted since the snapshot: it cannot be restored")
         self.llm.truncate(snap["positions"])
-        self.llm.last_logits = snap["logits"]
+        if not self.llm.pending:
+            self.llm.last_logits = snap["logits"]
         turn.carry = snap["carry"]
         del turn.embeddings[snap["embeddings"]:]
         turn.audio_positions = snap["audio_positions"]
         del self.history[snap["history"]:]
-        turn.encoder_state = snap["encoder_state"]
         turn.times = snap["times"]
         turn.ended = False
 
@@ -267,8 +258,11 @@ class Session:
         self._cancel = True
 
     def reply(self, settings: Optional[GenerationSettings] = None) -> Iterator[str]:
-        """Decode the reply, yielding text deltas; one model step per `next()`. The
-        reply then goes into the history and the cache (see `last_reply`)."""
+        """Decode the reply; each `next()` picks ONE token and yields its text delta
+        ("" when the token completes no text yet). The picked token is queued for the
+        next forward, which the engine runs for every replying session at once (a
+        private `LLMState` runs it at once). The reply then goes into the history
+        and the cache (see `last_reply`)."""
         settings = settings or self.settings
         if not settings.stop_token_ids:
             settings = settings.replace(stop_token_ids=self.settings.stop_token_ids)
@@ -278,7 +272,6 @@ class Session:
         sampler = Sampler(settings)
         detok = IncrementalDetokenizer(self.tokenizer)
         reply_start = self.llm.positions
-        logits = self.llm.last_logits
         emitted: List[int] = []
         status, reason = "completed", None
         self._cancel = False
@@ -286,22 +279,22 @@ class Session:
             if self._cancel:
                 status, reason = "cancelled", "turn_detected"
                 break
-            token = sampler(logits)
+            token = sampler(self.llm.last_logits)
             if turn.times.first_token is None:
                 turn.times.first_token = time.perf_counter()
             emitted.append(token)
             if sampler.is_stop(token):
                 break
             delta = detok.push(token)
-            if delta:
-                yield delta
             if len(emitted) >= settings.max_new_tokens:
                 status, reason = "incomplete", "max_output_tokens"
-                break
-            try:
-                logits = self.llm.decode_step(token)
-            except ContextFull:
-                status, reason = "incomplete", "max_context"
+            else:
+                try:
+                    self.llm.queue_token(token)
+                except ContextFull:
+                    status, reason = "incomplete", "max_context"
+            yield delta
+            if reason is not None:
                 break
         rest = detok.flush()
         if rest:

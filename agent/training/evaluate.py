@@ -91,21 +91,22 @@ def run_streaming(inference, items: Sequence[dict], waves, system_prompt, max_ne
     from agent.nest.streaming import StreamingNestEncoder
     from agent.realtime.sampling import GenerationSettings
     from agent.realtime.session import Session
+    from agent.realtime.single_stream import SingleStream
 
     streamer = StreamingNestEncoder(inference.model.audio_tower)
     rng = np.random.default_rng(seed)
     preds = []
     for wave in waves:
-        session = Session(inference.model, inference.tokenizer, streamer, system_prompt=system_prompt,
+        session = Session(inference.model, inference.tokenizer, system_prompt=system_prompt,
                           settings=GenerationSettings(temperature=0.0, max_new_tokens=max_new_tokens))
-        session.start_turn()
+        stream = SingleStream(session, streamer)
         wave_t = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         i = 0
         while i < wave_t.numel():
             n = int(16 * rng.integers(packet_ms[0], packet_ms[1] + 1))
-            session.feed(wave_t[i:i + n])
+            stream.feed(wave_t[i:i + n])
             i += n
-        session.end_turn()
+        stream.end_turn()
         for _ in session.reply():
             pass
         preds.append(session.last_reply.text)

@@ -1,0 +1,49 @@
+"""The asyncio side of one engine session: send commands, await typed events. Thread-safe."""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import numpy as np
+
+from agent.realtime.config import SessionConfig
+
+
+class SessionHandle:
+    def __init__(self, engine, sid: str, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.id = sid
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def _emit(self, event) -> None:  # engine thread -> event loop
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is gone: nobody listens any more
+            pass
+
+    def append_audio(self, samples: np.ndarray) -> None:
+        """16 kHz mono float32 samples."""
+        self.engine.submit(self.id, "append", np.asarray(samples, dtype=np.float32))
+
+    def commit(self) -> None:
+        self.engine.submit(self.id, "commit")
+
+    def clear(self) -> None:
+        self.engine.submit(self.id, "clear")
+
+    def create_response(self) -> None:
+        self.engine.submit(self.id, "response")
+
+    def cancel(self) -> None:
+        self.engine.submit(self.id, "cancel")
+
+    def update(self, config: SessionConfig) -> None:
+        self.engine.submit(self.id, "update", config)
+
+    def close(self) -> None:
+        self.engine.submit(self.id, "close")
+
+    async def next_event(self, timeout: Optional[float] = None):
+        """The next `agent.realtime.events` value."""
+        return await asyncio.wait_for(self.events.get(), timeout)
