@@ -163,3 +163,47 @@ def nest_model_config(
         },
     }
     return OmegaConf.create(cfg)
+
+
+def chunk_context_sizes(chunks_frames: Sequence[int], left_context_frames: int) -> list:
+    """NeMo `att_context_size` entries `[left, chunk-1]` for each chunk (80 ms frames).
+    The left context must be a multiple of every chunk: chunked attention sees whole chunks."""
+    sizes = []
+    for chunk in chunks_frames:
+        if chunk < 1 or left_context_frames % chunk:
+            raise ValueError(f"left context {left_context_frames} frames is not a multiple of chunk {chunk} frames")
+        sizes.append([int(left_context_frames), int(chunk) - 1])
+    return sizes
+
+
+def uniform_probs(n: int) -> list:
+    """Equal `att_context_probs` that sum to exactly 1 (NeMo checks `sum(...) != 1`)."""
+    probs = [1.0 / n] * n
+    probs[-1] = 1.0 - sum(probs[:-1])  # exact in float for the small n used here
+    return probs
+
+
+def cache_aware_config(full_cfg, att_context_sizes: Sequence[Sequence[int]], normalize,
+                       att_context_probs: Optional[Sequence[float]] = None):
+    """A cache-aware copy of a full-context NEST config, into which its weights load strictly.
+
+    Follows NeMo's cache-aware FastConformer recipe: `chunked_limited` attention trained
+    with several look-aheads (`att_context_size` list + `att_context_probs`), causal
+    depthwise convolutions, and no utterance normalization (`normalize`: here fixed
+    statistics, see agent.nest.normalization). One departure: the subsampling stays
+    NEST's non-causal `dw_striding` (causal subsampling changes a weight's shape, and the
+    non-causal one streams exactly with 8-frame-aligned chunks)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(full_cfg)
+    OmegaConf.set_struct(cfg, False)
+    sizes = [list(map(int, s)) for s in att_context_sizes]
+    cfg.encoder.att_context_style = "chunked_limited"
+    cfg.encoder.att_context_size = sizes
+    cfg.encoder.att_context_probs = list(att_context_probs) if att_context_probs else uniform_probs(len(sizes))
+    cfg.encoder.conv_context_size = "causal"
+    cfg.encoder.causal_downsampling = False
+    cfg.preprocessor.normalize = normalize
+    return cfg

@@ -12,14 +12,17 @@ its exact arithmetic.
 Utterance-level normalization (`per_feature`, `all_features`) needs statistics
 of the whole utterance, so it cannot be streamed exactly: it is refused unless
 the caller accepts an approximation (running statistics of the frames so far).
+Fixed per-bin statistics (`agent.nest.normalization`, what a streamified
+encoder uses) are the same for every frame, so they stream exactly.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
+
+from agent.nest.normalization import clone_preprocessor, install_fixed_normalization
 
 # Frames of left context fed to the featurizer and discarded: the first frame of
 # a window sees a truncated pre-emphasis and zero padding, the second the padding.
@@ -46,6 +49,9 @@ class IncrementalMel:
     def __init__(self, preprocessor: torch.nn.Module, approximate_normalization: bool = False):
         self.preprocessor = preprocessor.eval()
         fz = preprocessor.featurizer
+        # Fixed statistics act frame by frame (exact); installing them is a no-op for a
+        # batch of one and makes NeMo's own fixed_mean path batch-safe.
+        self.fixed_normalization = install_fixed_normalization(preprocessor)
         self.normalize = fz.normalize
         self.hop = int(fz.hop_length)
         n_fft, win = int(fz.n_fft), int(fz.win_length)
@@ -54,7 +60,7 @@ class IncrementalMel:
         # torch.stft centres a win_length window inside n_fft: frame j reads
         # [j*hop - half, j*hop + half) with half = win/2, plus one sample of pre-emphasis.
         self.right = n_fft // 2 - (n_fft - win) // 2
-        self.exact = self.normalize in STREAMABLE_NORMALIZATION
+        self.exact = self.fixed_normalization or self.normalize in STREAMABLE_NORMALIZATION
         if not self.exact and not approximate_normalization:
             raise ValueError(
                 f"this model normalizes features with {self.normalize!r} statistics of the whole utterance, "
@@ -65,13 +71,19 @@ class IncrementalMel:
         if not self.exact:
             # The raw log-mel is needed for running statistics: a private copy of
             # the front end with its utterance normalization switched off.
-            self.preprocessor = copy.deepcopy(preprocessor).eval()
+            self.preprocessor = clone_preprocessor(preprocessor).eval()  # a plain deepcopy aliases NeMo's forward
             self.preprocessor.featurizer.normalize = None
         self.n_mels = int(fz.nfilt)
         self.pad_value = float(fz.pad_value)
 
+    @property
+    def device(self) -> torch.device:
+        """The front end's device (its window and filterbank): samples are kept there."""
+        buffer = next(self.preprocessor.buffers(), None)
+        return buffer.device if buffer is not None else torch.device("cpu")
+
     def init_state(self) -> MelStreamState:
-        return MelStreamState(samples=torch.zeros(0, dtype=torch.float32))
+        return MelStreamState(samples=torch.zeros(0, dtype=torch.float32, device=self.device))
 
     def lookahead_samples(self) -> int:
         """Samples past the end of a frame's hop that the frame reads."""
@@ -86,7 +98,7 @@ class IncrementalMel:
         every frame whose samples are all known (all remaining ones when `final`)."""
         samples = state.samples
         if audio is not None and audio.numel():
-            samples = torch.cat([samples, audio.reshape(-1).to(torch.float32)])
+            samples = torch.cat([samples, audio.reshape(-1).to(device=samples.device, dtype=torch.float32)])
         total = state.total_samples + (0 if audio is None else int(audio.numel()))
         if final:
             last = total // self.hop  # the offline frame count
@@ -95,13 +107,14 @@ class IncrementalMel:
         first = state.frames_done
         new_state = replace(state, samples=samples, total_samples=total)
         if last <= first:
-            return new_state, torch.zeros(self.n_mels, 0)
+            return new_state, samples.new_zeros(self.n_mels, 0)
         start_frame = max(first - CONTEXT_FRAMES, 0)
         window = samples[start_frame * self.hop - state.offset:]
         frames_needed = last - start_frame
         if window.numel() // self.hop < frames_needed:  # only when the window is shorter than a hop
             window = torch.cat([window, window.new_zeros(frames_needed * self.hop - window.numel())])
-        mel, _ = self.preprocessor(input_signal=window[None], length=torch.tensor([window.numel()]))
+        length = torch.tensor([window.numel()], device=window.device)
+        mel, _ = self.preprocessor(input_signal=window[None], length=length)
         mel = mel[0, :, first - start_frame: last - start_frame]
         if not self.exact:
             mel, new_state.stats = self._running_normalize(mel, state.stats)
@@ -114,10 +127,10 @@ class IncrementalMel:
     def _running_normalize(self, mel: torch.Tensor, stats):
         """Approximate per-feature normalization: each frame uses the mean and std of
         the utterance's frames up to and including itself."""
-        s, ss, n = stats if stats is not None else (torch.zeros(self.n_mels, 1), torch.zeros(self.n_mels, 1), 0)
+        s, ss, n = stats if stats is not None else (mel.new_zeros(self.n_mels, 1), mel.new_zeros(self.n_mels, 1), 0)
         cum = torch.cumsum(mel, dim=1) + s
         cum_sq = torch.cumsum(mel * mel, dim=1) + ss
-        counts = torch.arange(1, mel.shape[1] + 1, dtype=mel.dtype)[None] + n
+        counts = torch.arange(1, mel.shape[1] + 1, dtype=mel.dtype, device=mel.device)[None] + n
         mean = cum / counts
         var = (cum_sq / counts - mean * mean).clamp(min=0) * counts / (counts - 1).clamp(min=1)
         out = (mel - mean) / (var.sqrt() + 1e-5)

@@ -16,6 +16,7 @@ from typing import Any, Union
 import torch
 
 from agent.nest._nemo import nemo_asr
+from agent.nest.normalization import install_fixed_normalization
 
 KNOWN_PRETRAINED = (
     "nvidia/ssl_en_nest_large_v1.0",
@@ -106,6 +107,9 @@ def load_nest_parts(model_path: ModelSource) -> NestParts:
         else:
             model = _from_pretrained(path)
     cfg = copy.deepcopy(model.cfg)
+    # Fixed (streamable) normalization statistics, applied for any batch size (NeMo's own
+    # fixed_mean path only handles a batch of one).
+    install_fixed_normalization(model.preprocessor)
     parts = NestParts(model.preprocessor, model.encoder, cfg, source)
     del model  # drops the SSL decoder, quantizer, masking and loss
     return parts
@@ -119,6 +123,7 @@ def save_nest_nemo(parts_preprocessor, encoder, cfg, path: str) -> None:
     loadable NeMo model. Only the encoder and preprocessor weights are meaningful.
     """
     model = _model_from_config(cfg)
+    # The preprocessor's normalization lives in `cfg` (fixed statistics are non-persistent).
     model.preprocessor.load_state_dict(parts_preprocessor.state_dict())
     model.encoder.load_state_dict(encoder.state_dict())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
