@@ -180,6 +180,7 @@ class EncoderClock:
     samples: int = 0
     calls: int = 0
     patched: list = field(default_factory=list)
+    window: tuple = (-math.inf, math.inf)  # only calls that start inside the run count
 
     def wrap(self, streamer) -> None:
         if getattr(streamer, "_bench_load_clock", None) is self:
@@ -191,9 +192,11 @@ class EncoderClock:
             try:
                 return original(states, audio, *args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
-                self.calls += 1
-                self.samples += sum(int(a.numel() if hasattr(a, "numel") else len(a)) for a in audio if a is not None)
+                if self.window[0] <= start < self.window[1]:
+                    self.seconds += time.perf_counter() - start
+                    self.calls += 1
+                    self.samples += sum(int(a.numel() if hasattr(a, "numel") else len(a))
+                                        for a in audio if a is not None)
 
         streamer.step = step
         streamer._bench_load_clock = self
@@ -212,12 +215,13 @@ class TickClock:
     def __init__(self, engine):
         self.busy_s = 0.0
         self.ticks = 0
+        self.window = (math.inf, math.inf)  # only ticks that start inside the run count
         original = engine.tick
 
         def tick():
             start = time.perf_counter()
             busy = original()
-            if busy:
+            if busy and self.window[0] <= start < self.window[1]:
                 self.busy_s += time.perf_counter() - start
                 self.ticks += 1
             return busy
@@ -242,7 +246,7 @@ def engine_kwargs(engine_cls, mode: str, streams: int, max_batch: Optional[int])
 async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, duration: float, *,
                       budget_ms: float = 1000.0, silence_ms: int = 500, client_commit: bool = False,
                       instructions: Optional[str] = None, max_tokens: int = 64, progress=None,
-                      label: str = "") -> dict:
+                      on_start=None) -> dict:
     """Drive `streams` real-time streams on a started engine for `duration` seconds;
     returns {"turns": [TurnRecord], "elapsed_s", "client_lag_ms", "errors": [...]}."""
     from agent.realtime.turns import TurnDetectionSettings
@@ -259,6 +263,8 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
                            turn_detection=TurnDetectionSettings(silence_duration_ms=silence_ms))
     t0 = time.perf_counter()
     deadline = t0 + duration
+    if on_start is not None:
+        on_start(t0, deadline)
     mean_utt = float(np.mean([u.size for u in utterances])) / SR
     stagger = mean_utt / max(streams, 1)
     turns: List[TurnRecord] = []
@@ -464,7 +470,8 @@ def run_one(model, tokenizer, streamer, utterances, note, *, mode: str, streams:
         run = asyncio.run(run_streams(engine, utterances, streams, duration, budget_ms=budget_ms,
                                       silence_ms=silence_ms, client_commit=note is not None,
                                       instructions=instructions, max_tokens=max_tokens, progress=progress,
-                                      label=label))
+                                      on_start=lambda t0, t1: (setattr(ticks, "window", (t0, t1)),
+                                                                setattr(clock, "window", (t0, t1)))))
     finally:
         engine.stop()
         clock.unwrap()
