@@ -60,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--require-session-update", action="store_true",
                    default=str(env("REQUIRE_SESSION_UPDATE", "")).lower() in ("1", "true", "yes"),
                    help="refuse audio before session.update")
+    p.add_argument("--approximate", action="store_true",
+                   default=str(env("APPROXIMATE", "")).lower() in ("1", "true", "yes"),
+                   help="serve a full-context encoder (not converted with agent.training.streamify) as is: "
+                        "streamed features then only approximate the offline ones")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -74,6 +78,26 @@ def default_model() -> str:
               f"{FALLBACK_MODEL} (plumbing only, its replies are noise)", flush=True)
         build_random_checkpoint(FALLBACK_MODEL, nest="tiny", llm="tiny", streaming=True, layers="all")
     return FALLBACK_MODEL
+
+
+def streaming_refusal_or_warning(model_path: str, encoder, approximate: bool) -> bool:
+    """Refuse a full-context encoder with a one-line error naming both fixes, or (with
+    --approximate) warn once. Returns whether streaming is approximate."""
+    from agent.nest.streamable import not_streamable_reasons
+
+    reasons = not_streamable_reasons(encoder)
+    if not reasons:
+        return False
+    what = f"the NEST encoder of {model_path} is full-context ({', '.join(reasons)}) and cannot be streamed exactly"
+    if not approximate:
+        raise SystemExit(
+            f"error: {what}. Either convert it: python -m agent.training.streamify --nest-model "
+            f"{os.path.join(model_path, 'audio_encoder.nemo')} --out student.nemo --manifest train.jsonl, then "
+            f"python -m agent.training.swap_encoder --checkpoint {model_path} --encoder student.nemo --out "
+            f"{model_path.rstrip('/')}-streaming; or serve it as is with --approximate (NESTVOX_APPROXIMATE=1)")
+    print(f"WARNING: {what}; serving it anyway (--approximate): streamed features only approximate the "
+          f"offline ones (measure with python -m agent.nest.streaming_report)", file=sys.stderr, flush=True)
+    return True
 
 
 def build_server(args):
@@ -94,9 +118,11 @@ def build_server(args):
     if chunk and left is None:
         trained_left = encoder.encoder.att_context_size[0]
         left = max(chunk, (trained_left if trained_left > 0 else 64) // chunk * chunk)
+    approximate = streaming_refusal_or_warning(model_path, encoder, args.approximate)
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left)
+        warnings.simplefilter("ignore" if approximate else "default")  # approximate: warned once above
+        streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left,
+                                        approximate=approximate)
     torch.set_grad_enabled(False)
     offered = [int(ms) for ms in str(args.chunk_sizes_ms).split(",") if ms.strip()]
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
