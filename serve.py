@@ -125,6 +125,8 @@ def build_server(args):
                                         approximate=approximate)
     torch.set_grad_enabled(False)
     offered = [int(ms) for ms in str(args.chunk_sizes_ms).split(",") if ms.strip()]
+    if approximate:  # the engine builds its other chunk sizes exact-only (no approximate=True)
+        offered = [int(streamer.chunk_ms)]
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
                     offered_chunk_ms=offered)
