@@ -77,8 +77,8 @@ class SlotKVCache(Cache):
 def check_batchable(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(text, "sliding_window", None) not in (None, 0) and getattr(
-            text, "use_sliding_window", True):
+    sliding = getattr(text, "sliding_window", None) not in (None, 0) and getattr(text, "use_sliding_window", True)
+    if kinds != {"full_attention"} or sliding:
         raise ValueError(f"the batched LLM state needs full causal attention in every layer; this model has "
                          f"{sorted(kinds)} (sliding_window={getattr(text, 'sliding_window', None)}): serve it with "
                          f"llm_batching off (serve.py --llm-batching off)")
