@@ -1,15 +1,46 @@
 """Shared fixtures: tiny NEST / LLM checkpoints built offline, and espeak-ng speech.
 
+Device: `NESTVOX_TEST_DEVICE` (`cpu` by default, `cuda` or `cuda:N` on a GPU
+machine) and `NESTVOX_TEST_DTYPE` (`float32` by default, `bfloat16`, `float16`)
+choose where the device-aware tests (streaming equivalence, stack_fuse,
+UltravoxInference) run: the `device` / `dtype` fixtures, or TEST_DEVICE /
+TEST_DTYPE for module-level use. A CUDA device that is not there is an error,
+never a silent CPU run.
+
 TRITON_INTERPRET must be set before anything imports triton (torch._dynamo does
-too), so deciding it is the first thing this file does. `import torch` alone does
-not import triton.
+too), so deciding it is the first thing this file does: on a CPU test device the
+Triton kernel runs in the interpreter, on CUDA it is compiled. `import torch`
+alone does not import triton.
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+TEST_DEVICE = torch.device(os.environ.get("NESTVOX_TEST_DEVICE", "cpu").strip() or "cpu")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_dtype_name = os.environ.get("NESTVOX_TEST_DTYPE", "float32").strip() or "float32"
+if _dtype_name not in _DTYPES:
+    raise RuntimeError(f"NESTVOX_TEST_DTYPE={_dtype_name!r}: expected one of {sorted(_DTYPES)}")
+TEST_DTYPE = _DTYPES[_dtype_name]
+if TEST_DEVICE.type == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"NESTVOX_TEST_DEVICE={TEST_DEVICE} but torch.cuda.is_available() is False "
+                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if (TEST_DEVICE.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"NESTVOX_TEST_DEVICE={TEST_DEVICE} but only {torch.cuda.device_count()} GPU(s)")
+    # Exactness tests compare fp32 results to 1e-4: no TF32 in convolutions or matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+elif TEST_DEVICE.type != "cpu":
+    raise RuntimeError(f"NESTVOX_TEST_DEVICE={TEST_DEVICE}: expected cpu, cuda or cuda:N")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def feature_tolerance(dtype: torch.dtype) -> float:
+    """Max abs difference allowed between two computations of the same encoder
+    features that differ only in batching / chunking (tiny NEST, values ~1)."""
+    return {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -36,6 +67,26 @@ def read_wav(path: str):
 
     data, rate = sf.read(path, dtype="float32")
     return data, rate
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device the device-aware tests run on (NESTVOX_TEST_DEVICE)."""
+    return TEST_DEVICE
+
+
+@pytest.fixture(scope="session")
+def dtype() -> torch.dtype:
+    """The model dtype those tests use (NESTVOX_TEST_DTYPE)."""
+    return TEST_DTYPE
+
+
+def nest_on(nest_encoder, device=TEST_DEVICE, dtype=TEST_DTYPE):
+    """Move a NestEncoder's encoder to `device` / `dtype`; its log-mel front end stays
+    on the CPU in float32, where the audio is (as UltravoxInference places it)."""
+    nest_encoder.encoder.to(device=device, dtype=dtype)
+    nest_encoder.torch_dtype = dtype
+    return nest_encoder
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +119,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def tiny_inference(tiny_checkpoint):
     from agent.ultravox import UltravoxInference
 
-    return UltravoxInference(tiny_checkpoint)
+    return UltravoxInference(tiny_checkpoint, device=TEST_DEVICE, data_type=TEST_DTYPE)
 
 
 @pytest.fixture(scope="session")

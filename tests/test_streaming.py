@@ -12,6 +12,7 @@ from agent.nest.incremental_mel import IncrementalMel
 from agent.nest.processor import NestProcessor
 from agent.nest.random_model import build_random_nest
 from agent.nest.streaming import StreamingNestEncoder, configure_streaming
+from conftest import TEST_DEVICE, TEST_DTYPE, feature_tolerance, nest_on
 
 SR = 16000
 
@@ -41,8 +42,19 @@ def stream(streamer, audio, packet_ms, seed=0, jitter=True):
 
 
 def offline(encoder, audio):
+    """The model's offline forward (its trained attention setting)."""
     out = encoder.encode_audio(audio.numpy())
     return out.hidden_states[:, 0, : int(out.lengths[0])]
+
+
+def offline_of(streamer, audio):
+    """The offline forward in the streamer's own attention setting: what it must reproduce."""
+    feats = streamer.nest.processor()(audio.numpy())
+    hidden, lengths = streamer.encode_offline(feats["input_features"], feats["feature_lengths"])
+    return hidden[:, 0, : int(lengths[0])]
+
+
+TOL = feature_tolerance(TEST_DTYPE)
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +129,18 @@ CASES = [(c, s, p) for c in (1, 2, 4, 8) for s, p in zip((0.3, 1.37, 7.0, 31.0),
 
 @pytest.mark.parametrize("chunk,seconds,packet_ms", CASES)
 def test_streamed_layers_equal_offline_forward(causal_nest, chunk, seconds, packet_ms):
-    encoder = NestEncoder(causal_nest, layer="all")
+    encoder = nest_on(NestEncoder(causal_nest, layer="all"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # chunk sizes other than the trained [64, 1]
         streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=64)
     audio = noise(seconds, seed=chunk)
-    ref = offline(encoder, audio)
+    ref = offline_of(streamer, audio)
     got, state = stream(streamer, audio, packet_ms, seed=chunk)
+    assert got.device == TEST_DEVICE and got.dtype == TEST_DTYPE
     assert got.shape == ref.shape == (3, int(encoder.processor().encoder_frames(audio.numel())), 32)
-    assert (got - ref).abs().max().item() <= 1e-4
+    assert (got - ref).abs().max().item() <= TOL
+    if chunk == 2:  # the trained setting: also the model's own offline forward
+        assert (got - offline(encoder, audio)).abs().max().item() <= TOL
     assert state.frames_emitted == ref.shape[1]
     # all layers, not the last one thrice
     assert (got[0] - got[2]).abs().max() > 1e-2
@@ -133,7 +148,7 @@ def test_streamed_layers_equal_offline_forward(causal_nest, chunk, seconds, pack
 
 @pytest.mark.parametrize("chunk", [4, 8])
 def test_nest_non_causal_subsampling_streams_exactly(nest_subsampling_model, chunk):
-    encoder = NestEncoder(nest_subsampling_model, layer="0,2")
+    encoder = nest_on(NestEncoder(nest_subsampling_model, layer="0,2"))
     streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=64) if chunk == 4 else None
     if streamer is None:
         with warnings.catch_warnings():
@@ -142,10 +157,10 @@ def test_nest_non_causal_subsampling_streams_exactly(nest_subsampling_model, chu
     assert streamer.plan.first_mel == streamer.plan.step_mel == 8 * chunk
     for seconds, packet in ((1.37, 37), (7.0, 20)):
         audio = noise(seconds, seed=int(seconds * 10))
-        ref = offline(encoder, audio)
+        ref = offline_of(streamer, audio)
         got, _ = stream(streamer, audio, packet)
         assert got.shape == ref.shape
-        assert (got - ref).abs().max().item() <= 1e-4
+        assert (got - ref).abs().max().item() <= TOL
 
 
 def test_nemo_default_schedule_is_wrong_for_non_causal_subsampling(nest_subsampling_model):
@@ -155,7 +170,7 @@ def test_nemo_default_schedule_is_wrong_for_non_causal_subsampling(nest_subsampl
 
     encoder = NestEncoder(nest_subsampling_model, layer="last")
     streamer = StreamingNestEncoder(encoder, chunk_frames=4, left_context_frames=64)
-    cfg = encoder.encoder.streaming_cfg
+    cfg = streamer.encoder.streaming_cfg
     streamer.plan = ChunkPlan(int(cfg.chunk_size[0]), int(cfg.chunk_size[1]), int(cfg.pre_encode_cache_size[1]),
                               int(cfg.drop_extra_pre_encoded))
     audio = noise(2.0, seed=5)
@@ -168,7 +183,7 @@ def test_nemo_default_schedule_is_wrong_for_non_causal_subsampling(nest_subsampl
 # -- batching -------------------------------------------------------------------
 
 def test_batched_streams_equal_each_alone(causal_nest):
-    encoder = NestEncoder(causal_nest, layer="all")
+    encoder = nest_on(NestEncoder(causal_nest, layer="all"))
     streamer = StreamingNestEncoder(encoder)  # the trained setting: chunk 2, left 64
     assert (streamer.chunk_frames, streamer.left_context_frames) == (2, 64)
     lengths = [0.9, 2.3, 1.37, 3.1, 0.45]
@@ -201,7 +216,7 @@ def test_batched_streams_equal_each_alone(causal_nest):
     for i in range(len(audios)):
         out = torch.cat(got[i], dim=1)
         assert out.shape == alone[i].shape
-        assert torch.allclose(out, alone[i], rtol=0, atol=1e-5), (i, (out - alone[i]).abs().max())
+        assert torch.allclose(out, alone[i], rtol=0, atol=TOL / 10), (i, (out - alone[i]).abs().max())
     assert max(batch_sizes) >= 4  # the streams really shared encoder calls
 
 

@@ -24,13 +24,19 @@ streamed frames equal the offline forward of the same encoder (tests hold it to
 keeps the *last* positions of the padded batch in the attention cache), so a
 step groups the ready streams by input length and runs one call per group;
 in steady state that is one call for all streams.
+
+A streamer never reconfigures the model it was built from: it runs its own
+encoder object (`streaming_copy`), which shares the weights. `build_streamers`
+makes one per offered chunk size, up front.
 """
 from __future__ import annotations
 
-import math
+import copy
+import dataclasses
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,6 +97,9 @@ def configure_streaming(encoder, chunk_frames: int, left_context_frames: int) ->
     """Switch a NeMo ConformerEncoder to `chunked_limited` attention `[left, chunk-1]`
     and set up NeMo's streaming parameters for it.
 
+    Changes `encoder` in place: give it a `streaming_copy` (StreamingNestEncoder
+    does) to keep the original's offline forward as trained.
+
     Works on full-context checkpoints too (the published NEST models are): their
     weights are unchanged, but the attention no longer sees the future, and a
     symmetric convolution gets zeros where the next chunk would be, so streamed
@@ -130,6 +139,58 @@ def configure_streaming(encoder, chunk_frames: int, left_context_frames: int) ->
     }
 
 
+def _has_streaming_settings(module: torch.nn.Module) -> bool:
+    """NeMo's cache-aware modules (MultiHeadAttention, CausalConv1D, ConvSubsampling)
+    carry `_max_cache_len`; `setup_streaming_params` writes their `cache_drop_size`."""
+    return hasattr(module, "_max_cache_len")
+
+
+# Module internals that stay shared with the original: the same tensors, also after
+# the original is moved with `.to()` (it swaps buffers in these very dicts).
+_SHARED_INTERNALS = ("_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def _fork(module: torch.nn.Module, must_fork) -> torch.nn.Module:
+    """A copy of `module` with its own attributes, hooks and children, sharing its
+    parameter and buffer dicts. Children are forked only where `must_fork` holds for
+    them or a descendant; the rest are the original child modules themselves."""
+    new = module.__class__.__new__(module.__class__)
+    state = {}
+    for key, value in module.__dict__.items():
+        if key in _SHARED_INTERNALS or key == "_modules":
+            state[key] = value
+        elif key.startswith("_") and "hook" in key and isinstance(value, dict):
+            state[key] = value.__class__(value)  # hooks added to the copy stay on the copy
+        elif isinstance(value, (list, dict, set)) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            state[key] = copy.deepcopy(value)  # e.g. att_context_size, streaming_cfg
+        else:
+            state[key] = value  # scalars, strings, configs: never mutated in place
+    new.__dict__.update(state)
+    new._modules = OrderedDict(
+        (name, _fork(child, must_fork) if child is not None and _subtree_matches(child, must_fork) else child)
+        for name, child in module._modules.items()
+    )
+    return new
+
+
+def _subtree_matches(module: torch.nn.Module, predicate) -> bool:
+    return any(predicate(m) for m in module.modules())
+
+
+def streaming_copy(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A NeMo ConformerEncoder whose streaming settings are its own.
+
+    The encoder object, its layer list, the layers and the cache-aware modules in
+    them are new Python objects (so `configure_streaming`, forward hooks and NeMo's
+    per-module `cache_drop_size` on the copy never reach the original); every
+    parameter and buffer is shared, and every other module is the original one, so
+    the copy costs no weight memory and follows the original through `.to(device)`
+    or a weight update. Inference only: `train()` on either reaches the shared
+    submodules of both.
+    """
+    return _fork(encoder, _has_streaming_settings)
+
+
 def chunk_plan(encoder, chunk_frames: int) -> ChunkPlan:
     sub = encoder.pre_encode
     factor = int(encoder.subsampling_factor)
@@ -147,6 +208,19 @@ def chunk_plan(encoder, chunk_frames: int) -> ChunkPlan:
     return ChunkPlan(step, step, factor, 1)
 
 
+def _frame_ms(nest_encoder) -> float:
+    featurizer = nest_encoder.preprocessor.featurizer
+    return 1000.0 * int(featurizer.hop_length) * int(nest_encoder.encoder.subsampling_factor) / int(
+        getattr(featurizer, "sample_rate", 16000))
+
+
+def _ms_to_frames(ms: float, frame_ms: float, what: str) -> int:
+    n = ms / frame_ms
+    if n < 1 or abs(n - round(n)) > 1e-6:
+        raise ValueError(f"{what} must be a positive multiple of {frame_ms:g} ms, got {ms}")
+    return int(round(n))
+
+
 class StreamingNestEncoder:
     """Runs a `NestEncoder` chunk by chunk over many streams at once.
 
@@ -156,13 +230,21 @@ class StreamingNestEncoder:
         states, feats = streamer.flush(states)          # end of turn
         feats[i]: [K, t_i, D] new frames of stream i for each selected layer
 
+    Each streamer has its own encoder object (`streaming_copy`: weights shared,
+    attention settings its own), so streamers of several chunk sizes over one
+    model (`build_streamers`) can be stepped in any order, and the model's
+    offline forward keeps its trained setting. States and features live on the
+    encoder's device; build streamers after moving the model there.
+
     `approximate=True` allows what cannot be streamed exactly (a full-context
     checkpoint, utterance-level feature normalization) with a warning.
     """
 
     def __init__(self, nest_encoder, chunk_frames: Optional[int] = None, left_context_frames: Optional[int] = None,
                  approximate: bool = False, max_chunks_per_call: int = 16):
-        enc = nest_encoder.encoder
+        # This streamer's own encoder object (weights shared): its attention setting is
+        # fixed here and never touches `nest_encoder`, which stays the offline model.
+        enc = streaming_copy(nest_encoder.encoder)
         style, (left, right) = _attention_style(enc)
         if chunk_frames is None:
             chunk_frames = right + 1 if style == "chunked_limited" and right >= 0 else 4
@@ -183,8 +265,8 @@ class StreamingNestEncoder:
             warnings.warn(message, stacklevel=2)
         elif not self.report["trained_for_this_context"]:
             warnings.warn(f"attention context {self.report['attention_now']} is not one this encoder was trained "
-                          f"with ({self.report['attention_before']}): streaming equals its offline forward in this "
-                          f"setting, but accuracy may differ from the trained one", stacklevel=2)
+                          f"with ({self.report['attention_before']}): streaming equals the offline forward in this "
+                          f"setting (encode_offline), not the trained one, and accuracy may differ", stacklevel=2)
         self.mel = IncrementalMel(nest_encoder.preprocessor, approximate_normalization=approximate)
         self.chunk_frames = int(chunk_frames)
         self.left_context_frames = int(left_context_frames)
@@ -195,31 +277,39 @@ class StreamingNestEncoder:
         self.sample_rate = int(nest_encoder.preprocessor.featurizer.sample_rate) if hasattr(
             nest_encoder.preprocessor.featurizer, "sample_rate") else 16000
         self.last_stats = StepStats()
-        enc._nestvox_streaming_owner = id(self)
 
     @classmethod
     def from_ms(cls, nest_encoder, chunk_ms: float, left_context_ms: Optional[float] = None, **kwargs):
         """Settings in milliseconds (multiples of the encoder's frame, 80 ms for NEST)."""
-        enc = nest_encoder.encoder
-        featurizer = nest_encoder.preprocessor.featurizer
-        frame_ms = 1000.0 * int(featurizer.hop_length) * int(enc.subsampling_factor) / int(
-            getattr(featurizer, "sample_rate", 16000))
+        frame_ms = _frame_ms(nest_encoder)
+        left = None if left_context_ms is None else _ms_to_frames(left_context_ms, frame_ms, "left_context_ms")
+        return cls(nest_encoder, chunk_frames=_ms_to_frames(chunk_ms, frame_ms, "chunk_ms"),
+                   left_context_frames=left, **kwargs)
 
-        def frames(ms, what):
-            n = ms / frame_ms
-            if n < 1 or abs(n - round(n)) > 1e-6:
-                raise ValueError(f"{what} must be a positive multiple of {frame_ms:g} ms, got {ms}")
-            return int(round(n))
+    # -- device ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are: states and features live there too."""
+        return next(self.encoder.parameters()).device
 
-        left = None if left_context_ms is None else frames(left_context_ms, "left_context_ms")
-        return cls(nest_encoder, chunk_frames=frames(chunk_ms, "chunk_ms"), left_context_frames=left, **kwargs)
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
 
-    def activate(self) -> None:
-        """Apply this streamer's attention setting to the encoder, which streamers with
-        other chunk sizes may share (the engine serves several chunk sizes)."""
-        if getattr(self.encoder, "_nestvox_streaming_owner", None) != id(self):
-            configure_streaming(self.encoder, self.chunk_frames, self.left_context_frames)
-            self.encoder._nestvox_streaming_owner = id(self)
+    # -- the offline forward this streamer reproduces ------------------------------
+    @torch.no_grad()
+    def encode_offline(self, input_features: torch.Tensor, feature_lengths: torch.Tensor):
+        """Whole-utterance forward of this streamer's encoder (its own attention setting):
+        `[K, B, T, D]` selected layers, zero past each length, and lengths `[B]`. For a
+        cache-aware encoder it is what `step` + `flush` return, frame for frame; the
+        model's offline forward (`nest_encoder(...)`) keeps the trained setting."""
+        features = input_features.to(device=self.device, dtype=self.dtype)
+        lengths = feature_lengths.to(self.device)
+        with capture_layers(self.encoder, self.layer_indices) as captured:
+            _, out_len = self.encoder(audio_signal=features, length=lengths)
+        hidden = torch.stack([captured[i] for i in self.layer_indices])
+        valid = torch.arange(hidden.shape[2], device=hidden.device)[None, :] < out_len[:, None]
+        return hidden * valid[None, :, :, None].to(hidden.dtype), out_len
 
     # -- latency ---------------------------------------------------------------
     @property
@@ -251,14 +341,14 @@ class StreamingNestEncoder:
 
     # -- state -------------------------------------------------------------------
     def init_state(self) -> EncoderStreamState:
-        enc = self.encoder
-        dtype = next(enc.parameters()).dtype
-        device = next(enc.parameters()).device
-        att, conv, att_len = enc.get_initial_cache_state(batch_size=1, dtype=dtype, device=device)
+        """A new stream's state, on the encoder's device (caches in its dtype; mel
+        features stay float32, as the front end makes them, until the encoder call)."""
+        device = self.device
+        att, conv, att_len = self.encoder.get_initial_cache_state(batch_size=1, dtype=self.dtype, device=device)
         return EncoderStreamState(
             mel_state=self.mel.init_state(),
-            mel_pending=torch.zeros(self.mel.n_mels, 0),
-            mel_cache=torch.zeros(self.mel.n_mels, 0),
+            mel_pending=torch.zeros(self.mel.n_mels, 0, device=device),
+            mel_cache=torch.zeros(self.mel.n_mels, 0, device=device),
             att_cache=att.transpose(0, 1).contiguous(),
             conv_cache=conv.transpose(0, 1).contiguous(),
             att_cache_len=att_len,
@@ -294,15 +384,17 @@ class StreamingNestEncoder:
         # and made each of them 30-40x slower on x86 CPUs (measured: 3 s vs 0.1 s
         # per NEST-L step). Flushing them changes values by < 1e-38.
         torch.set_flush_denormal(True)
-        self.activate()
         final = list(final) if final is not None else [False] * len(states)
         states = list(states)
+        device = self.device
         for i, (state, samples) in enumerate(zip(states, audio)):
             if state.finished:
                 raise ValueError(f"stream {i} was flushed: start a new state for the next turn")
             if samples is not None and not isinstance(samples, torch.Tensor):
                 samples = torch.as_tensor(samples, dtype=torch.float32)
             mel_state, mel = self.mel.push(state.mel_state, samples, final=final[i])
+            # New audio reaches the encoder's device here, once (the front end may run elsewhere).
+            mel = mel.to(device, non_blocking=True)
             pending = mel if state.mel_pending.shape[1] == 0 else torch.cat([state.mel_pending, mel], dim=1)
             states[i] = replace(state, mel_state=mel_state, mel_pending=pending)
         outputs: List[List[torch.Tensor]] = [[] for _ in states]
@@ -350,15 +442,14 @@ class StreamingNestEncoder:
 
     def _concat(self, parts: List[torch.Tensor]) -> torch.Tensor:
         if not parts:
-            dtype = next(self.encoder.parameters()).dtype
-            return torch.zeros(len(self.layer_indices), 0, int(self.encoder.d_model), dtype=dtype)
+            return torch.zeros(len(self.layer_indices), 0, int(self.encoder.d_model), dtype=self.dtype,
+                               device=self.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _run(self, states, members: List[Tuple[int, int]], drop: int, outputs, stats: StepStats):
         """One batched encoder call: each `(stream, count)` consumes `count` pending mel frames."""
         enc = self.encoder
-        dtype = next(enc.parameters()).dtype
-        device = next(enc.parameters()).device
+        dtype, device = self.dtype, self.device
         streams = [i for i, _ in members]
         inputs = []
         for i, count in members:
@@ -368,8 +459,8 @@ class StreamingNestEncoder:
         width = max(x.shape[1] for x in inputs)
         batch = torch.zeros(len(members), self.mel.n_mels, width, dtype=dtype, device=device)
         for j, x in enumerate(inputs):  # zero padding, as the offline front end pads
-            batch[j, :, : x.shape[1]] = x.to(dtype)
-        length = torch.tensor([x.shape[1] for x in inputs], device=device)
+            batch[j, :, : x.shape[1]] = x
+        length = torch.tensor([x.shape[1] for x in inputs]).to(device, non_blocking=True)
         att = torch.cat([states[i].att_cache for i in streams]).transpose(0, 1)
         conv = torch.cat([states[i].conv_cache for i in streams]).transpose(0, 1)
         att_len = torch.cat([states[i].att_cache_len for i in streams])
@@ -386,9 +477,10 @@ class StreamingNestEncoder:
         # Several chunks in one call leave more than `left` positions: keep the last ones.
         att_next = (att_next[:, :, -left:] if att_next.shape[2] > left else att_next).transpose(0, 1)
         conv_next = conv_next.transpose(0, 1)
+        out_counts = out_len.tolist()  # the one device -> host sync of a call
         for j, (i, count) in enumerate(members):
             st = states[i]
-            n = int(out_len[j])
+            n = int(out_counts[j])
             outputs[i].append(hidden[:, j, :n])
             consumed = inputs[j]
             states[i] = replace(
@@ -401,3 +493,37 @@ class StreamingNestEncoder:
                 steps=st.steps + 1,
                 frames_emitted=st.frames_emitted + n,
             )
+
+
+def default_left_context_frames(encoder, chunk_frames: int) -> int:
+    """The trained left context (64 frames when the encoder has none), rounded down to
+    whole chunks, at least one chunk."""
+    style, (left, _) = _attention_style(encoder)
+    trained = left if style == "chunked_limited" and left >= 0 else 64
+    return max(chunk_frames, trained // chunk_frames * chunk_frames)
+
+
+def build_streamers(nest_encoder, chunk_ms_list: Iterable[float], left_context_ms: Optional[float] = None,
+                    approximate: bool = False, **kwargs) -> Dict[int, StreamingNestEncoder]:
+    """One streamer per offered chunk size, keyed by chunk frames (80 ms each for NEST).
+
+    Build them once, up front, on the thread that will step them, after the model is
+    on its device: each has its own encoder settings (see `streaming_copy`), so they
+    can be stepped in any order, and `nest_encoder` stays the offline model.
+    `left_context_ms=None`: the trained left context, rounded down to whole chunks.
+    """
+    frame_ms = _frame_ms(nest_encoder)
+    streamers: Dict[int, StreamingNestEncoder] = {}
+    for chunk_ms in chunk_ms_list:
+        chunk = _ms_to_frames(chunk_ms, frame_ms, "chunk_ms")
+        if chunk in streamers:
+            continue
+        if left_context_ms is None:
+            left = default_left_context_frames(nest_encoder.encoder, chunk)
+        else:
+            left = max(chunk, _ms_to_frames(left_context_ms, frame_ms, "left_context_ms") // chunk * chunk)
+        streamers[chunk] = StreamingNestEncoder(nest_encoder, chunk_frames=chunk, left_context_frames=left,
+                                                approximate=approximate, **kwargs)
+    if not streamers:
+        raise ValueError("chunk_ms_list is empty: offer at least one chunk size")
+    return streamers

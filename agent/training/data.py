@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -167,28 +168,48 @@ def pad_sequences(seqs: Sequence[List[int]], labels: Sequence[List[int]], pad_id
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def _cached_ids(tokenizer, kind: str, *key) -> List[int]:
-    """Token ids of a rendered text prompt or a reply, memoized (rendering the chat template
-    per item is slower than the tiny LLM's step)."""
-    cache = tokenizer.__dict__.setdefault("_nestvox_ids_cache", {})
-    full = (kind,) + key
-    if full not in cache:
-        if kind == "reply":
-            ids = reply_ids(tokenizer, key[0])
-        else:
-            system, user_text, transcript = key
-            ids = tokenizer(render_prompt(tokenizer, system, user_text, audio=False, transcript=transcript),
-                            add_special_tokens=False)["input_ids"]
-        cache[full] = ids
-    return list(cache[full])
+class TokenIdCache:
+    """Token ids of rendered text prompts and replies for one tokenizer, memoized
+    (rendering the chat template per item is slower than the tiny LLM's step)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: Dict[tuple, List[int]] = {}
+
+    def reply(self, answer: str) -> List[int]:
+        key = ("reply", answer)
+        if key not in self._ids:
+            self._ids[key] = reply_ids(self.tokenizer, answer)
+        return list(self._ids[key])
+
+    def text_prompt(self, system: Optional[str], user_text: str, transcript: str) -> List[int]:
+        key = ("text", system, user_text, transcript)
+        if key not in self._ids:
+            rendered = render_prompt(self.tokenizer, system, user_text, audio=False, transcript=transcript)
+            self._ids[key] = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return list(self._ids[key])
 
 
-def text_batch(tokenizer, items: Sequence[dict], system_prompts: Sequence[Optional[str]], user_text: str) -> Dict[str, torch.Tensor]:
+# One cache per tokenizer for callers that pass none, held here (weakly: it goes with
+# the tokenizer), not as an attribute on the library's tokenizer object.
+_DEFAULT_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_id_cache(tokenizer) -> TokenIdCache:
+    cache = _DEFAULT_CACHES.get(tokenizer)
+    if cache is None:
+        cache = _DEFAULT_CACHES[tokenizer] = TokenIdCache(tokenizer)
+    return cache
+
+
+def text_batch(tokenizer, items: Sequence[dict], system_prompts: Sequence[Optional[str]], user_text: str,
+               ids: Optional[TokenIdCache] = None) -> Dict[str, torch.Tensor]:
     """Text-only examples: the transcript in the user turn, the reply labelled."""
+    ids = ids if ids is not None else token_id_cache(tokenizer)
     seqs, labels = [], []
     for item, system in zip(items, system_prompts):
-        prompt = _cached_ids(tokenizer, "text", system, user_text, item["text"])
-        reply = _cached_ids(tokenizer, "reply", item["answer"])
+        prompt = ids.text_prompt(system, user_text, item["text"])
+        reply = ids.reply(item["answer"])
         seqs.append(prompt + reply)
         labels.append([IGNORE] * len(prompt) + reply)
     return pad_sequences(seqs, labels, tokenizer.pad_token_id)
@@ -219,6 +240,7 @@ class Collator:
                  augment: Optional[dict] = None, seed: int = 0, with_text: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.ids = TokenIdCache(self.tokenizer)
         self.system_prompts = list(system_prompts) or [None]
         self.user_text = user_text
         self.rng = np.random.default_rng(seed)
@@ -243,7 +265,7 @@ class Collator:
         seqs, labels = [], []
         for i, item in enumerate(items):
             prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            reply = _cached_ids(self.tokenizer, "reply", item["answer"])
+            reply = self.ids.reply(item["answer"])
             seqs.append(prompt + reply)
             labels.append([IGNORE] * len(prompt) + reply)
         inputs = pad_sequences(seqs, labels, self.tokenizer.pad_token_id)
@@ -252,7 +274,8 @@ class Collator:
             features = spec_augment(features, enc["feature_lengths"], self.augment["spec_augment"], self.gen)
         inputs["input_features"] = features
         inputs["feature_lengths"] = enc["feature_lengths"]
-        text_inputs = text_batch(self.tokenizer, items, system_prompts, self.user_text) if self.with_text else None
+        text_inputs = text_batch(self.tokenizer, items, system_prompts, self.user_text, self.ids) if self.with_text \
+            else None
         return Batch(inputs, items, text_inputs)
 
 

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from agent.nest import NestProcessor
+from agent.nest import NestEncoder, NestProcessor
 from agent.ultravox.model import UltravoxModel
 from agent.ultravox.processor import UltravoxProcessor
 
@@ -26,6 +26,26 @@ def resolve_dtype(data_type: Union[str, torch.dtype]) -> torch.dtype:
     if data_type not in DTYPES:
         raise ValueError(f"unknown data_type {data_type!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[data_type]
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` as a torch.device; a clear error when it cannot be used."""
+    try:
+        resolved = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"device {str(device)!r} asked for, but no CUDA GPU is usable here "
+                             f"(torch {torch.__version__}, {built}): use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} asked for, but this machine has {count} GPU(s): "
+                             f"cuda:0 .. cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)!r}: expected cpu, cuda or cuda:N")
+    return resolved
 
 
 def load_audio_file(path: str):
@@ -67,8 +87,12 @@ class UltravoxInference:
         return self
 
     def _setup(self, model: UltravoxModel, tokenizer, device, audio_processor: Optional[NestProcessor]) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        if isinstance(model.audio_tower, NestEncoder):
+            # The log-mel front end stays on the CPU in float32, where the audio arrives:
+            # the processor feeds it CPU waveforms, and features go to the device once.
+            model.audio_tower.preprocessor.to("cpu")
         self.dtype = self.model.dtype
         if audio_processor is None:  # the model's own front end: what it was trained with
             audio_processor = NestProcessor(
