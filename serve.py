@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=env("PORT", 8765), help="0 picks a free port")
     p.add_argument("--model", default=env("MODEL", None),
                    help="checkpoint folder (UltravoxModel.save_pretrained); default: the embedded demo model")
+    p.add_argument("--device", default=env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=env("DTYPE", "float32"), choices=DTYPE_CHOICES,
+                   help="model weights and activations (the log-mel front end stays float32)")
     p.add_argument("--chunk-ms", type=int, default=env("CHUNK_MS", 0),
                    help="encoder chunk in ms (multiple of 80); default: the model's trained chunk")
     p.add_argument("--left-context-ms", type=int, default=env("LEFT_CONTEXT_MS", 0),
@@ -66,6 +69,22 @@ def parse_args(argv=None):
                         "streamed features then only approximate the offline ones")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
+
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def device_and_dtype(args):
+    """(torch.device, dtype name) from --device/--dtype (or NESTVOX_DEVICE/NESTVOX_DTYPE),
+    or a one-line error: argparse does not check values that come from the environment."""
+    from agent.ultravox.inference import resolve_device
+
+    if args.dtype not in DTYPE_CHOICES:
+        raise SystemExit(f"error: --dtype / NESTVOX_DTYPE {args.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    try:
+        return resolve_device(args.device), args.dtype
+    except ValueError as exc:
+        raise SystemExit(f"error: --device / NESTVOX_DEVICE: {exc}") from None
 
 
 def default_model() -> str:
@@ -110,8 +129,9 @@ def build_server(args):
     from agent.realtime.turns import TurnDetectionSettings
     from agent.ultravox import UltravoxInference
 
+    device, dtype = device_and_dtype(args)
     model_path = args.model or default_model()
-    inference = UltravoxInference(model_path)
+    inference = UltravoxInference(model_path, device=device, data_type=dtype)
     encoder = inference.model.audio_tower
     chunk = args.chunk_ms // 80 if args.chunk_ms else None
     left = args.left_context_ms // 80 if args.left_context_ms else None
@@ -149,7 +169,7 @@ async def main_async(args) -> None:
     server, streamer = build_server(args)
     await server.start()
     print(f"nestvox listening on {server.url}  (health: http://{server.config.host}:{server.config.port}/healthz)")
-    print(f"model: {server.model_name}")
+    print(f"model: {server.model_name}  (encoder on {streamer.device}, {streamer.dtype})")
     print(f"encoder: {streamer.describe()}", flush=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
