@@ -28,7 +28,11 @@ Reported per mode and N:
                    server-VAD turns; the budget is what the engine adds); a turn
                    that had no first token by the end is late.
   e2ft             end of speech -> first token, client side (last speech packet
-                   sent -> first text delta; includes the silence window), p50/p99;
+                   sent -> first text delta; includes the silence window), p50/p99.
+                   A reply whose tokens decode to no text (the random "bench" LLM's
+                   ids beyond the tokenizer's vocabulary) sends no delta: its first
+                   token is then response.done's arrival minus the engine's
+                   first_token_to_last_token (counted in first_token_from_engine);
                    and the engine's own latency_ms speech_end_to_first_token (from
                    the moment its VAD decided the turn ended), p50/p99.
   tok/s/session    per completed reply: (output_tokens - 1) / (last token - first
@@ -54,15 +58,12 @@ import asyncio
 import inspect
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -155,7 +156,7 @@ def read_event(event) -> Tuple[str, dict]:
 class TurnRecord:
     stream: int
     audio_s: float
-    speech_end: float  # perf_counter: last speech packet sent
+    speech_end: Optional[float] = None  # perf_counter: last speech packet sent
     speech_stopped: Optional[float] = None  # the engine's VAD ended the turn (event received)
     first_token: Optional[float] = None  # first text delta received
     last_token: Optional[float] = None  # last text delta received
@@ -166,10 +167,13 @@ class TurnRecord:
     output_tokens: int = 0
     latency_ms: dict = field(default_factory=dict)
     committed_by_client: bool = False
+    first_token_from_engine: bool = False  # no text delta came: first_token = done - first_token_to_last_token
 
     @property
     def e2ft_ms(self) -> Optional[float]:
-        return None if self.first_token is None else 1000 * (self.first_token - self.speech_end)
+        if self.first_token is None or self.speech_end is None:
+            return None
+        return 1000 * (self.first_token - self.speech_end)
 
 
 @dataclass
@@ -222,19 +226,28 @@ class TickClock:
             start = time.perf_counter()
             busy = original()
             if busy and self.window[0] <= start < self.window[1]:
-                self.busy_s += time.perf_counter() - start
+                self.busy_s += min(time.perf_counter(), self.window[1]) - start  # the part inside the run
                 self.ticks += 1
             return busy
 
         engine.tick = tick
 
 
-def engine_kwargs(engine_cls, mode: str, streams: int, max_batch: Optional[int]) -> Optional[dict]:
+def numeric_stats(engine) -> Dict[str, float]:
+    """The engine's numeric counters now (read from another thread: plain numbers)."""
+    return {k: v for k, v in dict(getattr(engine, "stats", {}) or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def engine_kwargs(engine_cls, mode: str, streams: int, max_batch: Optional[int],
+                  max_positions: Optional[int] = None) -> Optional[dict]:
     """Constructor keywords for `mode`, or None if this Engine cannot run it."""
     params = inspect.signature(engine_cls.__init__).parameters
     kwargs = {"max_batch": max_batch or max(streams, 1)}
-    if "max_sessions" in params:
+    if "max_sessions" in params:  # LLM cache slots: one per stream
         kwargs["max_sessions"] = max(streams, 1)
+    if max_positions is not None and "max_positions" in params:
+        kwargs["max_positions"] = max_positions
     if "llm_batching" in params:
         kwargs["llm_batching"] = mode == "batched"
     elif mode == "batched":
@@ -265,6 +278,7 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
     deadline = t0 + duration
     if on_start is not None:
         on_start(t0, deadline)
+    stats_at = {"start": numeric_stats(engine)}
     mean_utt = float(np.mean([u.size for u in utterances])) / SR
     stagger = mean_utt / max(streams, 1)
     turns: List[TurnRecord] = []
@@ -311,6 +325,13 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
                     turn.deltas.append(info["delta"])
                 elif kind == "done":
                     turn.done = now
+                    span = (info["latency_ms"] or {}).get("first_token_to_last_token")
+                    if turn.first_token is None and span is not None and info["output_tokens"]:
+                        # tokens without text (the "bench" LLM's ids beyond the tokenizer's vocabulary
+                        # decode to nothing): the first token's time from the engine's own stamps
+                        turn.first_token = now - span / 1000
+                        turn.last_token = now
+                        turn.first_token_from_engine = True
                     turn.status, turn.text = info["status"], info["text"]
                     turn.output_tokens, turn.latency_ms = int(info["output_tokens"] or 0), info["latency_ms"]
                     done.set()
@@ -327,13 +348,15 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
                     return
                 stopped.clear()
                 done.clear()
+                # events during the speech count for this turn too (a VAD that cut it short shows)
+                turn = TurnRecord(stream=i, audio_s=audio.size / SR)
+                current[0] = turn
                 start = time.perf_counter()
                 n = math.ceil(audio.size / packet)
                 for j in range(n):
                     await pace(start + j * PACKET_MS / 1000)
                     handle.append_audio(audio[j * packet:(j + 1) * packet])
-                turn = TurnRecord(stream=i, audio_s=audio.size / SR, speech_end=time.perf_counter())
-                current[0] = turn
+                turn.speech_end = time.perf_counter()
                 turns.append(turn)
                 # silence at real time until the VAD ends the turn (or we commit it)
                 j = n
@@ -350,24 +373,31 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
                     turn.committed_by_client = True
                     handle.commit()
                 await done.wait()
-                if progress is not None:
-                    progress(i, turn)
         finally:
             read_task.cancel()
             handle.close()
 
+    async def ticker() -> None:  # progress for long runs: `progress(seconds so far, turns so far)`
+        while True:
+            await asyncio.sleep(5.0)
+            progress(time.perf_counter() - t0, list(turns))
+
+    ticking = asyncio.create_task(ticker()) if progress is not None else None
     tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
     done_tasks, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()) + 0.05)
     for task in pending:
         task.cancel()
+    stats_at["end"] = numeric_stats(engine)  # at the deadline: what the cut replies do after it is not the run's
     results = await asyncio.gather(*tasks, return_exceptions=True)
     if time.perf_counter() < deadline:  # every stream had its last turn: the run still lasts `duration`
         await asyncio.sleep(deadline - time.perf_counter())
+    if ticking is not None:
+        ticking.cancel()
     elapsed = time.perf_counter() - t0
     for i, res in enumerate(results):
         if isinstance(res, Exception) and not isinstance(res, asyncio.CancelledError):
             errors.append({"stream": i, "code": "client_exception", "message": f"{type(res).__name__}: {res}"})
-    return {"turns": turns, "duration_s": duration, "elapsed_s": elapsed, "t0": t0, "client_lag_ms": lags, "errors": errors}
+    return {"turns": turns, "stats_start": stats_at["start"], "stats_end": stats_at["end"], "duration_s": duration, "elapsed_s": elapsed, "t0": t0, "client_lag_ms": lags, "errors": errors}
 
 
 # -- summaries ----------------------------------------------------------------------------
@@ -389,7 +419,7 @@ def union_seconds(intervals: Sequence[Tuple[float, float]]) -> float:
 
 def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_ms: int,
               encoder_s: Optional[float], audio_s: Optional[float], busy_s: Optional[float],
-              tick_encoder_s: Optional[float]) -> dict:
+              tick_encoder_s: Optional[float], llm_s: Optional[float] = None) -> dict:
     turns: List[TurnRecord] = run["turns"]
     elapsed = run["elapsed_s"]
     end = run["t0"] + elapsed
@@ -414,6 +444,7 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
         "cut": len([t for t in turns if t.done is None]),
         "streams_replied": len({t.stream for t in completed}),
         "client_committed": len([t for t in turns if t.committed_by_client]),
+        "first_token_from_engine": len([t for t in turns if t.first_token_from_engine]),
         "e2ft_ms": {"p50": pct([t.e2ft_ms for t in counted], 50), "p99": pct([t.e2ft_ms for t in counted], 99),
                     "n": len([t for t in counted if t.e2ft_ms is not None])},
         "engine_e2ft_ms": {"p50": pct(engine_e2ft, 50), "p99": pct(engine_e2ft, 99),
@@ -427,6 +458,7 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
         "encoder_rtf": encoder_s / audio_s if encoder_s is not None and audio_s else None,
         "engine_busy": busy_s / elapsed if busy_s is not None and elapsed > 0 else None,
         "encoder_share": tick_encoder_s / busy_s if tick_encoder_s is not None and busy_s else None,
+        "llm_share": llm_s / busy_s if llm_s is not None and busy_s else None,  # batched LLM forwards' share
         "client_lag_ms_p99": pct(run["client_lag_ms"], 99),
         "errors": run["errors"][:20], "error_count": len(run["errors"]),
         "replies": [{"stream": t.stream, "text": t.text, "deltas": "".join(t.deltas), "n_deltas": len(t.deltas),
@@ -437,67 +469,74 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
 
 def run_one(model, tokenizer, streamer, utterances, note, *, mode: str, streams: int, duration: float,
             budget_ms: float, silence_ms: int, max_batch: Optional[int], max_tokens: int,
-            instructions: Optional[str], verbose: bool = True) -> Optional[dict]:
+            instructions: Optional[str], max_positions: Optional[int] = None,
+            verbose: bool = True) -> Optional[dict]:
     """One engine, one mode, `streams` streams; None if this Engine has no such mode."""
     from agent.realtime.engine import Engine
 
-    kwargs = engine_kwargs(Engine, mode, streams, max_batch)
+    kwargs = engine_kwargs(Engine, mode, streams, max_batch, max_positions)
     if kwargs is None:
         return None
     engine = Engine(model, tokenizer, streamer, **kwargs)
     clock = EncoderClock()
     ticks = TickClock(engine)
+    clock.wrap(streamer)
     engine.start()
-    for s in list(engine.streamers.values()) if hasattr(engine, "streamers") else [streamer]:
-        clock.wrap(s)
-    label = f"[{mode} N={streams}]"
-    last = [time.perf_counter()]
-    counts = {"turns": 0, "tokens": 0}
 
-    def progress(i: int, turn: TurnRecord) -> None:
-        counts["turns"] += 1
-        counts["tokens"] += turn.output_tokens
-        now = time.perf_counter()
-        if verbose and now - last[0] >= 5.0:
-            last[0] = now
-            print(f"  {label} {counts['turns']} replies, {counts['tokens']} tokens; last: stream {i}, "
-                  f"e2ft {turn.e2ft_ms or float('nan'):.0f} ms", flush=True)
+    def on_start(t0: float, t1: float) -> None:
+        ticks.window = clock.window = (t0, t1)
+        for s in list(getattr(engine, "streamers", {}).values()):  # streamers the engine built itself
+            clock.wrap(s)
+
+    label = f"[{mode} N={streams}]"
+
+    def progress(seconds: float, turns: List[TurnRecord]) -> None:
+        if verbose:
+            replied = [t for t in turns if t.done is not None]
+            late = [t.e2ft_ms for t in turns if t.e2ft_ms is not None]
+            print(f"  {label} {seconds:4.0f} s: {len(turns)} turns, {len(replied)} replies, "
+                  f"{sum(t.output_tokens for t in replied)} tokens, e2ft p50 "
+                  f"{_f(pct(late, 50))} ms", flush=True)
 
     if verbose:
         print(f"{label} {duration:g} s ...", flush=True)
-    tick_encoder = [0.0]
     try:
         run = asyncio.run(run_streams(engine, utterances, streams, duration, budget_ms=budget_ms,
                                       silence_ms=silence_ms, client_commit=note is not None,
                                       instructions=instructions, max_tokens=max_tokens, progress=progress,
-                                      on_start=lambda t0, t1: (setattr(ticks, "window", (t0, t1)),
-                                                                setattr(clock, "window", (t0, t1)))))
+                                      on_start=on_start))
     finally:
         engine.stop()
         clock.unwrap()
     stats = getattr(engine, "stats", {}) or {}
-    if "encoder_seconds" in stats and "audio_seconds" in stats:  # the engine's own figures, if it keeps them
-        encoder_s, audio_s = float(stats["encoder_seconds"]), float(stats["audio_seconds"])
+    in_run = {k: v - run["stats_start"].get(k, 0) for k, v in run["stats_end"].items()}  # the run's window
+    if "encoder_seconds" in in_run and "audio_seconds" in in_run:  # the engine's own figures, if it keeps them
+        encoder_s, audio_s, source = float(in_run["encoder_seconds"]), float(in_run["audio_seconds"]), "engine"
     elif clock.calls:
-        encoder_s, audio_s = clock.seconds, clock.samples / SR
+        encoder_s, audio_s, source = clock.seconds, clock.samples / SR, "bench"
     else:
-        encoder_s = audio_s = None
-    tick_encoder[0] = clock.seconds if clock.calls else None
+        encoder_s = audio_s = source = None
     result = summarize(run, mode=mode, streams=streams, budget_ms=budget_ms, silence_ms=silence_ms,
-                       encoder_s=encoder_s, audio_s=audio_s, busy_s=ticks.busy_s, tick_encoder_s=tick_encoder[0])
+                       encoder_s=encoder_s, audio_s=audio_s, busy_s=ticks.busy_s,
+                       tick_encoder_s=encoder_s, llm_s=in_run.get("llm_seconds") if mode == "batched" else None)
+    result["encoder_time_from"] = source
     result["engine_kwargs"] = {k: v for k, v in kwargs.items()}
-    result["engine_stats"] = {k: (v if not isinstance(v, list) else {"n": len(v), "mean": float(np.mean(v)) if v else None})
-                              for k, v in stats.items() if isinstance(v, (int, float, list))}
+    result["engine_stats_in_run"] = in_run
+    result["engine_stats"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in stats.items()
+                              if isinstance(v, (int, float, dict))}
     if verbose:
         print(f"  {label} done: {format_row(result)}", flush=True)
     return result
 
 
-def warm_up(model, tokenizer, streamer, utterances, note, silence_ms: int, max_tokens: int) -> None:
-    """One turn through a throwaway engine: allocations, kernel selection, VAD load."""
-    run_one(model, tokenizer, streamer, utterances[:1], note, mode="round-robin", streams=1,
-            duration=utterances[0].size / SR + silence_ms / 1000 + 3.0, budget_ms=2000, silence_ms=silence_ms,
-            max_batch=None, max_tokens=min(8, max_tokens), instructions=None, verbose=False)
+def warm_up(model, tokenizer, streamer, utterances, note, silence_ms: int, max_tokens: int,
+            modes: Sequence[str], max_positions: Optional[int] = None) -> None:
+    """One turn per mode through a throwaway engine: allocations, kernel selection, VAD load."""
+    for mode in modes:
+        run_one(model, tokenizer, streamer, utterances[:1], note, mode=mode, streams=1,
+                duration=utterances[0].size / SR + silence_ms / 1000 + 3.0, budget_ms=2000, silence_ms=silence_ms,
+                max_batch=None, max_tokens=min(8, max_tokens), instructions=None, max_positions=max_positions,
+                verbose=False)
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -506,7 +545,7 @@ def _f(v, digits: int = 0) -> str:
 
 
 COLUMNS = ("mode", "N", "turns", "on time", "e2ft p50", "e2ft p99", "eng p50", "eng p99", "tok/s/sess",
-           "agg tok/s", "tok/s run", "enc RTF", "busy", "enc%", "lag p99")
+           "agg tok/s", "tok/s run", "enc RTF", "busy", "enc%", "llm%", "lag p99")
 
 
 def format_row(r: dict) -> str:
@@ -519,7 +558,8 @@ def _row(r: dict) -> List[str]:
             _f(r["engine_e2ft_ms"]["p99"]), _f(r["session_tok_s"]["p50"], 1), _f(r["agg_tok_s_decoding"], 1),
             _f(r["agg_tok_s_run"], 1), _f(r["encoder_rtf"], 3), _f(None if r["engine_busy"] is None else
                                                                    100 * r["engine_busy"]) + "%",
-            _f(None if r["encoder_share"] is None else 100 * r["encoder_share"]) + "%", _f(r["client_lag_ms_p99"])]
+            _f(None if r["encoder_share"] is None else 100 * r["encoder_share"]) + "%",
+            _f(None if r.get("llm_share") is None else 100 * r["llm_share"]) + "%", _f(r["client_lag_ms_p99"])]
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -547,7 +587,7 @@ def ratios(results: Sequence[dict]) -> Dict[int, Optional[float]]:
 def run_load(model, tokenizer, streamer, *, streams: Sequence[int], duration: float,
              modes: Sequence[str] = MODES, budget_ms: float = 1000.0, silence_ms: int = 500,
              max_batch: Optional[int] = None, max_tokens: int = 64, instructions: Optional[str] = None,
-             utterances=None, warm: bool = True, verbose: bool = True) -> dict:
+             max_positions: Optional[int] = None, utterances=None, warm: bool = True, verbose: bool = True) -> dict:
     """The whole benchmark on a model already built; returns the report dict
     (results per mode and N, ratios, notes)."""
     from agent.realtime.engine import Engine
@@ -568,13 +608,13 @@ def run_load(model, tokenizer, streamer, *, streams: Sequence[int], duration: fl
         if verbose:
             print(f"NOTE: {notes[-1]}", flush=True)
     if warm:
-        warm_up(model, tokenizer, streamer, utterances, note, silence_ms, max_tokens)
+        warm_up(model, tokenizer, streamer, utterances, note, silence_ms, max_tokens, modes, max_positions)
     results = []
     for n in streams:
         for mode in modes:
             r = run_one(model, tokenizer, streamer, utterances, note, mode=mode, streams=n, duration=duration,
                         budget_ms=budget_ms, silence_ms=silence_ms, max_batch=max_batch, max_tokens=max_tokens,
-                        instructions=instructions, verbose=verbose)
+                        instructions=instructions, max_positions=max_positions, verbose=verbose)
             if r is not None:
                 results.append(r)
     return {"streams": list(streams), "duration_s": duration, "modes": [r for r in modes], "budget_ms": budget_ms,
@@ -611,7 +651,7 @@ def load(args) -> dict:
           flush=True)
     report = run_load(inference.model, tokenizer, streamer, streams=streams, duration=args.duration, modes=modes,
                       budget_ms=args.budget_ms, silence_ms=args.silence_ms, max_batch=args.max_batch,
-                      max_tokens=args.max_tokens, warm=not args.no_warm_up)
+                      max_tokens=args.max_tokens, max_positions=args.max_positions, warm=not args.no_warm_up)
     report.update({"nest": args.nest, "llm": args.llm, "device": args.device, "dtype": args.dtype,
                    "chunk_ms": chunk * 80, "threads": torch.get_num_threads()})
     print("\n" + format_table(report["results"]))
@@ -622,7 +662,12 @@ def load(args) -> dict:
           f"speech packet sent. e2ft: that delay (client side, includes the silence); eng: the engine's "
           f"speech_end_to_first_token. tok/s/sess: p50 over replies; agg: all tokens / time with >= 1 reply "
           f"decoding; run: all tokens / run time. enc RTF: encoder seconds per audio second; busy: engine "
-          f"thread in working ticks / wall; enc%: the encoder's share of that; lag: how late the client sent packets (ms).")
+          f"thread in working ticks / wall; enc%: the encoder's share of that; llm%: the batched LLM forwards' share "
+          f"(batched mode); lag: how late the client sent packets (ms).")
+    estimated = sum(r["first_token_from_engine"] for r in report["results"])
+    if estimated:
+        print(f"NOTE: {estimated} replies sent no text delta (their tokens decode to no text): their first token "
+              f"is response.done's arrival minus the engine's first_token_to_last_token")
     for note in report["notes"]:
         print(f"NOTE: {note}")
     if args.json:
@@ -640,5 +685,7 @@ def add_arguments(p) -> None:
     p.add_argument("--silence-ms", type=int, default=500, help="the server VAD's silence_duration_ms")
     p.add_argument("--max-tokens", type=int, default=64, help="max_response_output_tokens per reply")
     p.add_argument("--max-batch", type=int, default=None, help="Engine max_batch (default: N)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="each session's LLM context (Engine max_positions; default: the engine's)")
     p.add_argument("--no-warm-up", action="store_true", help="skip the one-turn warm-up before the runs")
     p.add_argument("--json", default=None, help="write the report here")
