@@ -2,21 +2,22 @@
 against the torch reference, forward and backward, plus the reference against
 a naive loop, gradcheck, validation and dispatch."""
 import math
+import sys
 
 import pytest
 import torch
 
-from kernels import stack_fuse, stack_fuse_reference
+from conftest import TEST_DEVICE
+from kernels import stack_fuse, stack_fuse_reference, use_triton
 
 pytest.importorskip("triton")
 from kernels import triton_stack_fuse as tsf  # noqa: E402  (after conftest set TRITON_INTERPRET)
 
-if tsf.interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:  # pragma: no cover
-    pytest.skip("triton neither interpreting nor on a GPU", allow_module_level=True)
+# NESTVOX_TEST_DEVICE: cpu runs the kernel in the interpreter, cuda compiles it.
+DEVICE = TEST_DEVICE
+if DEVICE.type == "cpu" and not tsf.interpreting():  # pragma: no cover
+    pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported",
+                allow_module_level=True)
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -193,6 +194,25 @@ def test_dispatch_env_switch(monkeypatch):
     monkeypatch.setenv("NESTVOX_STACK_FUSE", "cuda-please")
     with pytest.raises(ValueError, match="NESTVOX_STACK_FUSE"):
         stack_fuse(h, w, 2)
+
+
+def test_auto_dispatch_picks_triton_on_cuda_and_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv("NESTVOX_STACK_FUSE", raising=False)
+    h = torch.randn(2, 1, 5, 8, device=DEVICE)
+    assert use_triton(h) == (h.is_cuda and torch.cuda.is_available())
+    assert not use_triton(h.cpu())  # even with the interpreter on: CPU serving uses the reference
+    calls = []
+    real_t, real_r = tsf.stack_fuse_triton, stack_fuse_reference
+    dispatch = sys.modules["kernels.stack_fuse"]  # the module (the package's name is the function)
+
+    monkeypatch.setattr(tsf, "stack_fuse_triton", lambda *a: calls.append("triton") or real_t(*a))
+    monkeypatch.setattr(dispatch, "stack_fuse_reference", lambda *a: calls.append("torch") or real_r(*a))
+    w = torch.tensor([0.5, 0.5], device=DEVICE)
+    stack_fuse(h, w, 2)
+    stack_fuse(h.cpu(), w.cpu(), 2)
+    assert calls == (["triton", "torch"] if DEVICE.type == "cuda" else ["torch", "torch"])
+    if DEVICE.type == "cuda":  # a real kernel: no interpreter anywhere in this process
+        assert not tsf.interpreting()
 
 
 def test_weights_are_used_as_given():

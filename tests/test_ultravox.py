@@ -11,6 +11,11 @@ def wave(seconds, seed=0):
     return (np.random.default_rng(seed).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
 
 
+def on_device(inference, inputs):
+    """Processor outputs (CPU tensors) on the model's device, as `prepare` does."""
+    return {k: v.to(inference.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def test_nest_config_type_is_registered_and_knows_the_encoder(tiny_checkpoint):
     from transformers import AutoConfig
 
@@ -32,7 +37,7 @@ def test_audio_token_count_equals_inserted_embeddings(tiny_inference, seconds, c
     try:
         audio = wave(seconds)
         text = tiny_inference.build_prompt("What is this?", has_audio=True)
-        inputs = proc(text, audio=audio)
+        inputs = on_device(tiny_inference, proc(text, audio=audio))
         n_slots = int((inputs["input_ids"] == proc.audio_token_id).sum())
         assert n_slots == proc.audio_token_count(len(audio)) == int(inputs["audio_token_len"][0])
         with torch.no_grad():
@@ -50,8 +55,8 @@ def test_audio_token_count_equals_inserted_embeddings(tiny_inference, seconds, c
 
 def test_mismatched_audio_tokens_are_refused(tiny_inference):
     proc = tiny_inference.processor
-    inputs = proc(tiny_inference.build_prompt("x", has_audio=True), audio=wave(1.0))
-    ids = torch.cat([inputs["input_ids"], torch.tensor([[proc.audio_token_id]])], dim=1)
+    inputs = on_device(tiny_inference, proc(tiny_inference.build_prompt("x", has_audio=True), audio=wave(1.0)))
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[proc.audio_token_id]], device=tiny_inference.device)], dim=1)
     with pytest.raises(ValueError, match="audio token"):
         tiny_inference.model.embed_inputs(ids, inputs["input_features"], inputs["feature_lengths"])
     with pytest.raises(ValueError, match="placeholder"):
@@ -91,7 +96,7 @@ def test_fused_all_layers_differs_from_last_and_one_hot_recovers_it(tiny_inferen
         last_only = hidden[-1:].clone()
         from kernels import stack_fuse
 
-        stacked_last = stack_fuse(last_only, torch.ones(1), model.config.stack_factor)
+        stacked_last = stack_fuse(last_only, torch.ones(1, device=hidden.device), model.config.stack_factor)
         assert not torch.allclose(fused, stacked_last, atol=1e-3)
         expected = sum(w[k] * hidden[k] for k in range(3))
         torch.testing.assert_close(fused[..., :32], expected[:, ::8], rtol=1e-5, atol=1e-5)
@@ -119,9 +124,9 @@ def test_batched_audio_gives_the_same_embeddings_as_single(tiny_inference):
     proc, model = tiny_inference.processor, tiny_inference.model
     a, b = wave(2.3, seed=1), wave(0.9, seed=2)
     with torch.no_grad():
-        fa = proc.audio_processor([a, b])
+        fa = on_device(tiny_inference, proc.audio_processor([a, b]))
         both = model.audio_embeddings(fa["input_features"], fa["feature_lengths"])
-        fb = proc.audio_processor(b)
+        fb = on_device(tiny_inference, proc.audio_processor(b))
         alone = model.audio_embeddings(fb["input_features"], fb["feature_lengths"])
     torch.testing.assert_close(both[1], alone[0], rtol=1e-4, atol=1e-4)
 
