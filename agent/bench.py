@@ -39,19 +39,10 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; choose {DEVICE_CHOICES}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose {DEVICE_CHOICES}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has (ValueError if unusable)."""
+    from agent.ultravox.inference import resolve_device as resolve
+
+    return resolve(device)
 
 
 def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str = "cpu", dtype: str = "float32"):
