@@ -107,15 +107,22 @@ async def test_barge_in_and_speculation_rollback_next_to_decoding_slots(engine, 
     replies stay exact."""
     a, b = speech
     before = dict(engine.stats)
-    long_tokens = 60
+    long_tokens = 300
+    decoding = [asyncio.Event() for _ in range(3)]
 
     async def decoder(i):
         handle = engine.open_session(config=SessionConfig(instructions=SYSTEM, turn_detection=MANUAL,
                                                           max_response_output_tokens=long_tokens - i))
         audio = np.concatenate([b, a])[: int((1.2 + 0.2 * i) * SR)]
-        text = await manual_turn(handle, audio)
+        handle.append_audio(audio)
+        handle.commit()
+        handle.create_response()
+        events = await until(handle, "response.text.delta")
+        decoding[i].set()
+        events += await until(handle, "response.done")
         handle.close()
-        return text == inference.generate("", audio=audio, system_prompt=SYSTEM, max_new_tokens=long_tokens - i)
+        return reply_text(events) == inference.generate("", audio=audio, system_prompt=SYSTEM,
+                                                        max_new_tokens=long_tokens - i)
 
     async def barge_in():
         handle = engine.open_session(config=SessionConfig(instructions=SYSTEM, max_response_output_tokens=3000))
@@ -131,11 +138,14 @@ async def test_barge_in_and_speculation_rollback_next_to_decoding_slots(engine, 
         return done["status"] == "cancelled" and any(e["type"] == "input_audio_buffer.committed" for e in events)
 
     async def pause_then_more():
+        for event in decoding:  # the others are decoding now
+            await event.wait()
         handle = engine.open_session(config=SessionConfig(instructions=SYSTEM, max_response_output_tokens=8))
-        utterance = np.concatenate([a, np.zeros(int(0.3 * SR), np.float32), b, np.zeros(SR, np.float32)])
-        for i in range(0, len(utterance), 640):  # 2x real time: the pause is seen as it happens
+        # a 450 ms pause: past the 150 ms at which the engine speculates, short of the 500 ms that end the turn
+        utterance = np.concatenate([a, np.zeros(int(0.45 * SR), np.float32), b, np.zeros(SR, np.float32)])
+        for i in range(0, len(utterance), 640):  # real time: the pause is seen as it happens
             handle.append_audio(utterance[i:i + 640])
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.04)
         events = await until(handle, "response.done")
         handle.close()
         start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]

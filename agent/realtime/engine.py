@@ -6,10 +6,14 @@ Each tick runs each stage once for all sessions:
 2. ONE batched encoder step per chunk size over every session with audio to
    encode (turn ends flush in the same call); each session stacks and projects
    its new frames and queues them for the LLM;
-3. ONE batched LLM forward that pre-fills every session's queued audio groups
-   and template tokens into its KV-cache slot (`BatchedLLM`);
-4. every replying session picks its next token from its logits (with its own
-   sampling settings), then ONE batched decode forward runs all those tokens.
+3. ONE batched LLM forward (`BatchedLLM`) over every session's KV-cache slot:
+   the audio groups and template tokens queued this tick (pre-fill) and the
+   tokens the replying sessions picked in the last tick (decode) run together;
+   pieces longer than a few tokens run in a second forward of their own, so
+   they do not pad every other row;
+4. every replying session picks its next token from its fresh logits (with its
+   own sampling settings) and queues it for the next tick's forward. A reply's
+   first token is picked in the very tick its turn's tail was pre-filled.
 
 With `llm_batching=False` every session keeps its own batch-1 cache and replies
 decode round-robin, one forward per session per token: the old behaviour, kept
@@ -50,7 +54,7 @@ _session_ids = itertools.count(1)
 def new_stats() -> dict:
     """Counters only: nothing here grows with the run's length."""
     return {"ticks": 0, "errors": 0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
-            "encoder_seconds": 0.0, "audio_seconds": 0.0, "llm_prefill_forwards": 0, "llm_prefill_rows": 0,
+            "encoder_seconds": 0.0, "audio_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
             "llm_decode_forwards": 0, "llm_decode_rows": 0, "llm_seconds": 0.0,
             "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
 
@@ -82,6 +86,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._vad = None
         self._rotation = -1
+        self._decoding: set = set()  # sessions whose picked token waits for the next forward
         self.stats = new_stats()
         self.on_encoder_batch: Optional[Callable[[int], None]] = None  # metrics hook
 
@@ -194,8 +199,8 @@ class Engine:
         self.stats["ticks"] += 1
         busy = self._apply_commands()
         busy |= self._encode()
-        busy |= self._prefill()
-        busy |= self._decode()
+        busy |= self._forward()
+        busy |= self._pick_tokens()
         return busy
 
     def _guard(self, live: LiveSession, fn, *args):
@@ -315,10 +320,18 @@ class Engine:
         return bool(groups)
 
     # -- 3. and 4. the LLM -----------------------------------------------------------
-    def _flush(self, lives, kind: str) -> int:
-        """ONE batched forward over the queued work of `lives`' LLM slots."""
-        if self.llm is None or not lives:
-            return 0
+    def _forward(self) -> bool:
+        """ONE batched forward over every slot's queued work: the audio groups and
+        template tokens pre-filled this tick, and the tokens the replying sessions
+        picked at the end of the last one (long pieces get a second forward; see
+        BatchedLLM.flush)."""
+        if self.llm is None:  # round-robin: every call already ran on its own cache
+            return False
+        lives = [live for live in self.sessions.values() if live.session.llm.pending]
+        if not lives:
+            return False
+        decoding = sum(1 for live in lives if live.id in self._decoding)
+        forwards = self.llm.forwards
         start = time.perf_counter()
         try:
             rows = self.llm.flush([live.session.llm for live in lives])
@@ -327,23 +340,22 @@ class Engine:
             self.stats["errors"] += 1
             for live in lives:
                 live.fail(exc)
-            return 0
-        if rows:
-            self.stats["llm_seconds"] += time.perf_counter() - start
-            self.stats[f"llm_{kind}_forwards"] += 1
-            self.stats[f"llm_{kind}_rows"] += rows
-        return rows
+            return True
+        stats = self.stats
+        stats["llm_seconds"] += time.perf_counter() - start
+        stats["llm_forwards"] += self.llm.forwards - forwards
+        stats["llm_rows"] += rows
+        stats["llm_batch_max"] = max(stats["llm_batch_max"], self.llm.max_rows)
+        if decoding:
+            stats["llm_decode_forwards"] += 1
+            stats["llm_decode_rows"] += decoding
+        return True
 
-    def _prefill(self) -> bool:
-        return bool(self._flush([live for live in self.sessions.values() if live.session.llm.pending], "prefill"))
-
-    def _decode(self) -> bool:
-        """Every replying session picks its next token; then one forward runs them all."""
-        stepped = []
+    def _pick_tokens(self) -> bool:
+        """Every replying session picks its next token from its logits (its own sampling
+        settings) and queues it for the next forward; new text goes out as it forms."""
+        self._decoding = set()
         for live in list(self.sessions.values()):
-            if live.replying and self._guard(live, live.advance_reply):
-                stepped.append(live)
-        if self.llm is None:  # round-robin: each advance_reply ran its own forward
-            return bool(stepped)
-        self._flush([live for live in stepped if live.replying], "decode")
-        return bool(stepped) or any(live.session.llm.pending for live in self.sessions.values())
+            if live.replying and self._guard(live, live.advance_reply) and live.replying:
+                self._decoding.add(live.id)
+        return bool(self._decoding)

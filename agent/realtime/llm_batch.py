@@ -34,6 +34,10 @@ from transformers.cache_utils import Cache
 
 from agent.realtime.llm_state import ContextFull
 
+# Rows of at most this many tokens share a forward (decode tokens, audio groups);
+# longer ones run in a forward of their own, so they do not pad the short ones.
+NARROW_ROW = 4
+
 
 class SlotKVCache(Cache):
     """K/V storage of all slots; `bind` says which slots and positions the next forward touches.
@@ -112,7 +116,8 @@ class BatchedLLM:
         self.cache = SlotKVCache(text.num_hidden_layers, slots, kv_heads, head_dim, limit, self.dtype, self.device)
         self.slots = slots
         self._free = list(range(slots))
-        self.forwards = 0  # batched forwards run (stats)
+        self.forwards = 0  # forwards run (stats)
+        self.max_rows = 0  # the most rows one forward ran
 
     # -- slots -----------------------------------------------------------------
     def open(self) -> "SlotLLMState":
@@ -133,10 +138,20 @@ class BatchedLLM:
     # -- the batched forward -----------------------------------------------------
     @torch.no_grad()
     def flush(self, states: Sequence["SlotLLMState"]) -> int:
-        """Run every given state's queued pre-fill in ONE forward; returns the rows run."""
+        """Run every given state's queued work (pre-fill pieces, decode tokens) in one
+        forward; returns the rows run. Rows are padded to the longest, so long
+        pieces (a turn's template, a reply's canonical re-fill) run in a second
+        forward of their own rather than padding every one-token row to their
+        length: at most two forwards, one in the steady state."""
         todo = [s for s in states if s.slot is not None and s._pending]
-        if not todo:
-            return 0
+        narrow = [s for s in todo if s._pending_len <= NARROW_ROW]
+        wide = [s for s in todo if s._pending_len > NARROW_ROW]
+        for group in (narrow, wide):
+            if group:
+                self._run(group)
+        return len(todo)
+
+    def _run(self, todo: List["SlotLLMState"]) -> None:
         pieces = [torch.cat(s._pending) if len(s._pending) > 1 else s._pending[0] for s in todo]
         try:
             logits = self._forward([s.slot for s in todo], [s._committed for s in todo], pieces)
@@ -151,7 +166,7 @@ class BatchedLLM:
             s._pending_len = 0
             s._logits = row
         self.forwards += 1
-        return len(todo)
+        self.max_rows = max(self.max_rows, len(todo))
 
     def _forward(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
         device = self.device
