@@ -268,6 +268,7 @@ class StreamingNestEncoder:
                           f"with ({self.report['attention_before']}): streaming equals the offline forward in this "
                           f"setting (encode_offline), not the trained one, and accuracy may differ", stacklevel=2)
         self.mel = IncrementalMel(nest_encoder.preprocessor, approximate_normalization=approximate)
+        self.approximate = bool(approximate)  # so streamers built alongside this one can match it
         self.chunk_frames = int(chunk_frames)
         self.left_context_frames = int(left_context_frames)
         self.plan = chunk_plan(enc, self.chunk_frames)

@@ -104,21 +104,18 @@ class Engine:
         return streamer
 
     def _build_streamers(self) -> None:
-        """One streamer per offered chunk size, sharing the encoder's weights."""
-        from agent.nest.streaming import StreamingNestEncoder
+        """One streamer per offered chunk size, each with its own encoder settings over
+        the shared weights, so a session's chunk size never reconfigures another's."""
+        from agent.nest.streaming import build_streamers
 
         base = self.streamer
-        for ms in self.offered_chunk_ms:
-            frames = int(round(ms / base.frame_ms))
-            if frames < 1 or abs(frames * base.frame_ms - ms) > 1e-6:
-                raise ValueError(f"offered chunk {ms} ms is not a multiple of the {base.frame_ms:g} ms frame")
-            if frames in self.streamers:
-                continue
-            left = max(frames, base.left_context_frames // frames * frames)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the session reports its setting at session.updated
-                self.streamers[frames] = StreamingNestEncoder(base.nest, chunk_frames=frames,
-                                                              left_context_frames=left)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a session sees its setting in session.updated
+            built = build_streamers(base.nest, self.offered_chunk_ms,
+                                    left_context_ms=base.left_context_frames * base.frame_ms,
+                                    approximate=base.approximate)
+        for frames, streamer in built.items():
+            self.streamers.setdefault(frames, streamer)
 
     def vad(self):
         if self._vad is None:
