@@ -163,7 +163,8 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
                 first = result.client_ms.get("end_to_first_delta")
                 on_time = first is not None and first <= silence_ms + budget_ms
                 turns.append({"caller": i, "on_time": on_time, "status": result.status,
-                              "server": result.latency_ms, "client": result.client_ms})
+                              "server": result.latency_ms, "client": result.client_ms,
+                              "reply_tok_s": reply_speed(result)})
                 me["turns"] += 1
                 me["on_time"] += on_time
                 if progress is not None:
@@ -204,6 +205,7 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
     for name, source, key in LATENCY_KEYS:
         values = [t[source].get(key) for t in turns if t[source].get(key) is not None]
         latency[name] = {"n": len(values), **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
+    speeds = [t["reply_tok_s"] for t in turns if t["reply_tok_s"] is not None]
     return {
         "url": url, "callers": callers, "duration_s": duration, "elapsed_s": round(elapsed, 2),
         "audio_s": round(audio_s, 2), "budget_ms": budget_ms, "silence_ms": sample["silence_ms"],
@@ -215,7 +217,21 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
                   "failed": sum(c["failed"] for c in callers_out),
                   "cut": sum(c["cut"] for c in callers_out)},
         "latency_ms": latency, "per_caller": callers_out,
+        # decode speed each caller saw: (output tokens - 1) / (first token -> last token)
+        "reply_tok_s": {"n": len(speeds), **{f"p{q}": percentile(speeds, q) for q in (10, 50, 90)},
+                        "min": round(min(speeds), 2) if speeds else None},
     }
+
+
+def reply_speed(result) -> Optional[float]:
+    """Tokens per second of one reply, from its response.done (None for a one-token reply)."""
+    if not result.done:
+        return None
+    tokens = (result.done["response"].get("usage") or {}).get("output_tokens") or 0
+    span = result.latency_ms.get("first_token_to_last_token")
+    if tokens < 2 or not span:
+        return None
+    return round((tokens - 1) / (span / 1000.0), 2)
 
 
 def format_report(report: dict) -> str:
@@ -235,6 +251,9 @@ def format_report(report: dict) -> str:
     ])
     lat = format_table(("latency (ms)", "n", "p50", "p90", "p99"),
                        [(name, v["n"], v["p50"], v["p90"], v["p99"]) for name, v in report["latency_ms"].items()])
+    speed = report["reply_tok_s"]
+    lat += "\n" + format_table(("reply speed (tok/s)", "n", "min", "p10", "p50", "p90"),
+                               [("per reply", speed["n"], speed["min"], speed["p10"], speed["p50"], speed["p90"])])
     lines = [head, "", lat]
     for kind, items in (("refused", report["refusals"]), ("error", report["error_list"])):
         for item in items:
