@@ -41,12 +41,16 @@ Reported per mode and N:
   agg tok/s        all output tokens / wall time during which at least one reply
                    was decoding (client-side first delta -> response.done, unioned);
                    and all output tokens / the run's wall time.
-  enc RTF          encoder compute seconds per second of audio encoded
-                   (engine.stats encoder_seconds/audio_seconds if the engine keeps
-                   them; otherwise timed here around the streamers' step calls).
+  enc RTF          encoder compute seconds per second of audio encoded, over the
+                   run's window (engine.stats encoder_seconds / audio_seconds when
+                   the engine keeps them; otherwise timed here around the
+                   streamers' step calls).
   busy             fraction of wall time the engine thread spent in ticks that did
-                   work, and the encoder's share of that time (where it breaks:
-                   encoder or LLM).
+                   work; enc% and llm%: the encoder's and (batched mode) the batched
+                   LLM forwards' (engine.stats llm_seconds) share of that time:
+                   where it breaks, encoder or LLM. lag p99: how late this process
+                   sent its packets (a high value means the client, not the
+                   engine, fell behind).
 
 --mode: "batched" passes llm_batching=True to Engine, "round-robin" llm_batching=False
 (the old per-session decode path, the baseline). An Engine without that switch
@@ -445,6 +449,8 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
         "streams_replied": len({t.stream for t in completed}),
         "client_committed": len([t for t in turns if t.committed_by_client]),
         "first_token_from_engine": len([t for t in turns if t.first_token_from_engine]),
+        # counted turns whose first token is not known: no text delta and no response.done by the end (late)
+        "first_token_unknown": len([t for t in counted if t.first_token is None]),
         "e2ft_ms": {"p50": pct([t.e2ft_ms for t in counted], 50), "p99": pct([t.e2ft_ms for t in counted], 99),
                     "n": len([t for t in counted if t.e2ft_ms is not None])},
         "engine_e2ft_ms": {"p50": pct(engine_e2ft, 50), "p99": pct(engine_e2ft, 99),
@@ -664,6 +670,10 @@ def load(args) -> dict:
           f"decoding; run: all tokens / run time. enc RTF: encoder seconds per audio second; busy: engine "
           f"thread in working ticks / wall; enc%: the encoder's share of that; llm%: the batched LLM forwards' share "
           f"(batched mode); lag: how late the client sent packets (ms).")
+    unknown = sum(r["first_token_unknown"] for r in report["results"])
+    if unknown:
+        print(f"NOTE: {unknown} turns had no first token by the end of their run (no text delta, no "
+              f"response.done): counted as late")
     estimated = sum(r["first_token_from_engine"] for r in report["results"])
     if estimated:
         print(f"NOTE: {estimated} replies sent no text delta (their tokens decode to no text): their first token "
