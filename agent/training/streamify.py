@@ -161,6 +161,19 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, lengths: torch.Te
     return loss, float(cos.mean().detach())
 
 
+def set_train_mode(encoder, dropout: bool, batchnorm: bool) -> None:
+    """Training mode for NeMo's per-forward look-ahead draw, with dropout and batch-norm
+    statistics updates only if asked. Frozen batch-norm statistics (the teacher's) suit
+    small distillation batches: padded frames and a few utterances per batch would
+    otherwise pull the running statistics away from what the layers were trained with."""
+    encoder.train()
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout) and not dropout:
+            module.eval()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not batchnorm:
+            module.eval()
+
+
 def lr_at(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)
@@ -170,26 +183,27 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 # -- evaluation -------------------------------------------------------------------------
 @torch.no_grad()
-def offline_chunk_cosines(teacher, student: Student, waves: List[np.ndarray], chunks: Sequence[int],
-                          left_frames: int, layers: Sequence[int]) -> Dict[int, float]:
-    """Mean cosine (over layers and frames) of the student's chunked offline forward to the
-    teacher's full-context one, per chunk size. The chunked offline forward equals streaming
-    exactly, so this is the streamed quality at a fraction of the cost (used for progress)."""
+def offline_chunk_metrics(teacher, student: Student, waves: List[np.ndarray], chunks: Sequence[int],
+                          left_frames: int, layers: Sequence[int]):
+    """Per chunk size (ms): the mean cosine (over layers and frames) of the student's chunked
+    offline forward to the teacher's full-context one, and the relative L1 distance
+    (`|s - t| / mean|t|`, as in the loss). The chunked offline forward equals streaming
+    exactly, so these are the streamed figures at a fraction of the cost (for progress)."""
     signal, lengths = batch_waves(waves)
     ref, ref_len = layer_outputs(teacher.encoder, teacher.preprocessor, signal, lengths, layers)
-    was_training = student.encoder.training
-    student.encoder.eval()
-    out = {}
+    student.encoder.eval()  # the caller puts it back in training mode
+    cos, rel_l1 = {}, {}
     try:
         for chunk in chunks:
             student.encoder.set_default_att_context_size([left_frames, chunk - 1])
             got, _ = layer_outputs(student.encoder, student.preprocessor, signal, lengths, layers)
             valid = torch.arange(got.shape[2])[None, :] < ref_len[:, None]
-            out[chunk * FRAME_MS] = float(F.cosine_similarity(got[:, valid], ref[:, valid], dim=-1).mean())
+            s, t = got[:, valid], ref[:, valid]
+            cos[chunk * FRAME_MS] = float(F.cosine_similarity(s, t, dim=-1).mean())
+            rel_l1[chunk * FRAME_MS] = float(((s - t).abs().mean(dim=(1, 2)) / t.abs().mean(dim=(1, 2))).mean())
     finally:
         student.encoder.set_default_att_context_size([left_frames, chunks[0] - 1])
-        student.encoder.train(was_training)
-    return out
+    return cos, rel_l1
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -277,13 +291,16 @@ def run(args, log=print) -> dict:
     start = time.time()
     budget = args.max_minutes * 60 if args.max_minutes else None
     if step == 0:
-        initial = offline_chunk_cosines(teacher, student, val_waves, chunks, left, layers)
-        log(f"step 0: val cosine to the teacher per chunk ms {_fmt(initial)}")
+        initial, initial_l1 = offline_chunk_metrics(teacher, student, val_waves, chunks, left, layers)
+        log(f"step 0: val cosine to the teacher per chunk ms {_fmt(initial)}; relative L1 {_fmt(initial_l1)}")
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"step": 0, "val_cos": initial, "val_rel_l1": initial_l1}) + "\n")
     bar = tqdm(total=total, initial=step, desc="streamify", file=sys.stderr, mininterval=2.0)
     max_samples = int(args.max_seconds * 16000)
     stopped = False
     ema = None
     student.encoder.train()
+    set_train_mode(student.encoder, args.dropout, args.batchnorm)
     while step < total:
         rng = np.random.default_rng([args.seed, step])
         random.seed(args.seed * 1_000_003 + step)  # NeMo draws each forward's look-ahead with `random`
@@ -307,15 +324,19 @@ def run(args, log=print) -> dict:
         opt.step()
         sched.step()
         step += 1
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}", cos=f"{cos:.4f}")
-        record = {"step": step, "loss": float(loss), "cos": cos, "lr": sched.get_last_lr()[0],
+        record = {"step": step, "loss": value, "cos": cos, "lr": sched.get_last_lr()[0],
                   "grad_norm": grad_norm, "elapsed_s": round(time.time() - start, 1)}
         out_of_time = budget is not None and time.time() - start > budget
         if step % args.eval_every == 0 or step == total or out_of_time:
-            record["val_cos"] = offline_chunk_cosines(teacher, student, val_waves, chunks, left, layers)
-            bar.write(f"step {step}: loss {ema:.4f}, val cosine per chunk ms {_fmt(record['val_cos'])}")
+            record["val_cos"], record["val_rel_l1"] = offline_chunk_metrics(teacher, student, val_waves, chunks,
+                                                                            left, layers)
+            set_train_mode(student.encoder, args.dropout, args.batchnorm)
+            bar.write(f"step {step}: loss {ema:.4f}, val cosine per chunk ms {_fmt(record['val_cos'])}; "
+                      f"relative L1 {_fmt(record['val_rel_l1'])}")
         with open(metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if step % args.save_every == 0 or step == total or out_of_time:
@@ -374,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-items", type=int, default=500, help="training utterances for the statistics")
     p.add_argument("--conv-init", choices=("shift", "copy"), default="shift",
                    help="causal kernels from the teacher's: shift (fold future taps into the centre) or copy as is")
+    p.add_argument("--dropout", action="store_true", help="keep the encoder's dropout on while distilling")
+    p.add_argument("--batchnorm", action="store_true",
+                   help="update batch-norm running statistics while distilling (default: the teacher's, frozen)")
     p.add_argument("--val-items", type=int, default=16)
     p.add_argument("--report-items", type=int, default=16, help="val utterances streamed for the report")
     p.add_argument("--eval-every", type=int, default=200)
