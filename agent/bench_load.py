@@ -483,6 +483,9 @@ def run_one(model, tokenizer, streamer, utterances, note, *, mode: str, streams:
     kwargs = engine_kwargs(Engine, mode, streams, max_batch, max_positions)
     if kwargs is None:
         return None
+    if "offered_chunk_ms" in inspect.signature(Engine.__init__).parameters:
+        # every stream uses the default chunk: building the other sizes' streamers per engine is wasted start-up
+        kwargs["offered_chunk_ms"] = (int(round(streamer.chunk_ms)),)
     engine = Engine(model, tokenizer, streamer, **kwargs)
     clock = EncoderClock()
     ticks = TickClock(engine)
