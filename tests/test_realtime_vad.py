@@ -111,3 +111,30 @@ def test_loading_does_not_import_silero_vad_which_would_change_torch_threads():
     SileroVad(model_file())
     assert torch.get_num_threads() == before
     assert "silero_vad" not in sys.modules
+
+
+def test_process_batch_equals_each_stream_alone(vad, padded_speech):
+    """Three streams at different points, with packets of different sizes in one call:
+    the same probabilities as feeding each stream on its own."""
+    from agent.realtime.turns import TurnDetector
+
+    offsets, sizes = (0, 7000, 15000), (320, 5000, 1)
+    alone = [vad.new_stream() for _ in offsets]
+    batched = [vad.new_stream() for _ in offsets]
+    for stream, off in zip(alone + batched, offsets * 2):  # bring each to its own position
+        vad.process(stream, padded_speech[:off])
+    pos = list(offsets)
+    for _ in range(6):
+        pieces = [padded_speech[p:p + n] for p, n in zip(pos, sizes)]
+        want = [vad.process(s, x) for s, x in zip(alone, pieces)]
+        got = vad.process_batch(batched, pieces)
+        for w, g in zip(want, got):
+            assert len(w) == len(g) and np.allclose(w, g, atol=1e-5)
+        pos = [p + n for p, n in zip(pos, sizes)]
+    assert [s.samples for s in alone] == [s.samples for s in batched] and sum(len(g) for g in got) > 0
+    # the detectors on top give the same events batched as alone
+    dets_alone, dets_batched = [TurnDetector(vad=vad) for _ in range(2)], [TurnDetector(vad=vad) for _ in range(2)]
+    streams = [padded_speech, np.concatenate([np.zeros(8000, np.float32), padded_speech])]
+    events_alone = [d.feed(x) for d, x in zip(dets_alone, streams)]
+    events_batched = TurnDetector.feed_batch(dets_batched, streams)
+    assert events_alone == events_batched and all(events_alone)

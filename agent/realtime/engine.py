@@ -36,6 +36,7 @@ import warnings
 from collections import Counter
 from typing import Callable, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
 from agent.realtime import events as ev
@@ -43,6 +44,7 @@ from agent.realtime.config import SessionConfig
 from agent.realtime.handle import SessionHandle
 from agent.realtime.live_session import LiveSession
 from agent.realtime.session import Session
+from agent.realtime.turns import TurnDetector
 
 log = logging.getLogger("nestvox.engine")
 SR = 16000
@@ -54,7 +56,7 @@ _session_ids = itertools.count(1)
 def new_stats() -> dict:
     """Counters only: nothing here grows with the run's length."""
     return {"ticks": 0, "errors": 0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
-            "encoder_seconds": 0.0, "audio_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
+            "encoder_seconds": 0.0, "audio_seconds": 0.0, "vad_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
             "llm_decode_forwards": 0, "llm_decode_rows": 0, "llm_seconds": 0.0,
             "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
 
@@ -236,13 +238,16 @@ class Engine:
 
     def _apply_commands(self, limit: int = 256) -> bool:
         """Apply queued commands; at most `limit` per tick, so an overloaded tick still
-        leaves room for encoding and decoding."""
+        leaves room for encoding and decoding. Audio is buffered as it comes and its
+        turn detection runs batched for every session at the end (or before another
+        command of the same session, so each session sees its commands in order)."""
         busy = False
+        heard: Dict[str, list] = {}  # session -> audio received this tick, not yet through the VAD
         for _ in range(limit):
             try:
                 sid, what, payload = self._commands.get_nowait()
             except queue.Empty:
-                return busy
+                break
             busy = True
             if what == "open":
                 self._open(sid, *payload)
@@ -250,10 +255,14 @@ class Engine:
             live = self.sessions.get(sid)
             if live is None:
                 continue
+            if what == "append":
+                self._guard(live, live.receive, payload)
+                heard.setdefault(sid, []).append(payload)
+                continue
+            if sid in heard:
+                self._detect({sid: heard.pop(sid)})
             if what == "close":
                 self._close(sid)
-            elif what == "append":
-                self._guard(live, live.append, payload)
             elif what == "commit":
                 self._guard(live, live.commit)
             elif what == "clear":
@@ -264,7 +273,26 @@ class Engine:
                 self._guard(live, live.cancel_reply)
             elif what == "update":
                 self._guard(live, self._update, live, payload)
+        if heard:
+            self._detect(heard)
         return busy
+
+    def _detect(self, heard: Dict[str, list]) -> None:
+        """Turn detection for every session's new audio, the VAD windows batched."""
+        lives = [self.sessions[sid] for sid in heard if sid in self.sessions]
+        audio = [np.concatenate(heard[live.id]) if len(heard[live.id]) > 1 else heard[live.id][0] for live in lives]
+        start = time.perf_counter()
+        try:
+            verdicts = TurnDetector.feed_batch([live.detector for live in lives], audio)
+        except Exception as exc:
+            log.exception("turn detection failed")
+            self.stats["errors"] += 1
+            for live in lives:
+                live.fail(exc)
+            return
+        self.stats["vad_seconds"] += time.perf_counter() - start
+        for live, events in zip(lives, verdicts):
+            self._guard(live, live.on_turn_events, events)
 
     def _update(self, live: LiveSession, config: SessionConfig) -> None:
         self.streamer_for(config.chunk_ms)  # validates before anything changes; applies at the next turn

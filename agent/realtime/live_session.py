@@ -140,6 +140,13 @@ class LiveSession:
 
     # -- audio and turns --------------------------------------------------------
     def append(self, samples: np.ndarray) -> None:
+        """New audio: buffered, then turn detection on it (the engine batches the
+        detection of all sessions: `receive`, then `TurnDetector.feed_batch`, then
+        `on_turn_events`)."""
+        self.receive(samples)
+        self.on_turn_events(self.detector.feed(samples))
+
+    def receive(self, samples: np.ndarray) -> None:
         self.audio = np.concatenate([self.audio, samples]) if self.audio.size else samples
         if self.manual and samples.size and self.phase in (Phase.IDLE, Phase.WAITING, Phase.REPLYING) \
                 and self.queued is None:
@@ -147,7 +154,10 @@ class LiveSession:
                 self.queued = QueuedTurn(self.detector.samples)
             else:
                 self.begin_turn(self.detector.samples)
-        for event in self.detector.feed(samples):
+
+    def on_turn_events(self, events) -> None:
+        """The turn detector's verdict on the audio received since the last call."""
+        for event in events:
             if isinstance(event, SpeechStarted):
                 self.on_speech_started(event)
             elif isinstance(event, SpeechStopped):

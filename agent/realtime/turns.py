@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -216,19 +216,37 @@ class TurnDetector:
     def feed(self, audio) -> List[TurnEvent]:
         """Feed 16 kHz mono audio (float in [-1, 1] or int16) in packets of any size;
         returns the events it completes, in order."""
-        audio = as_float_audio(audio)
-        if self.settings.mode == "manual":
-            self.samples += len(audio)
-            return []
-        if self._stream is None:
-            if self._vad is None:
-                self._vad = SileroVad()
-            self._stream = self._vad.new_stream()
-            self._origin = self.samples
-        first_window = self._origin + self._stream.samples
-        probs = self._vad.process(self._stream, audio)
-        self.samples += len(audio)
-        return self.push_probabilities(probs, first_window)
+        return TurnDetector.feed_batch([self], [audio])[0]
+
+    @staticmethod
+    def feed_batch(detectors: Sequence["TurnDetector"], audios: Sequence) -> List[List[TurnEvent]]:
+        """`feed` for many streams (sessions) at once: their VAD windows run batched.
+        Each detector's events are exactly what its own `feed` would return."""
+        audios = [as_float_audio(a) for a in audios]
+        events: List[List[TurnEvent]] = [[] for _ in detectors]
+        vad_rows = []
+        for i, (det, audio) in enumerate(zip(detectors, audios)):
+            if det.settings.mode == "manual":
+                det.samples += len(audio)
+                continue
+            if det._stream is None:
+                if det._vad is None:
+                    det._vad = SileroVad()
+                det._stream = det._vad.new_stream()
+                det._origin = det.samples
+            vad_rows.append(i)
+        by_net: dict = {}
+        for i in vad_rows:  # detectors normally share one network; batch per network
+            by_net.setdefault(id(detectors[i]._vad), []).append(i)
+        for rows in by_net.values():
+            vad = detectors[rows[0]]._vad
+            firsts = [detectors[i]._origin + detectors[i]._stream.samples for i in rows]
+            probs = vad.process_batch([detectors[i]._stream for i in rows], [audios[i] for i in rows])
+            for i, first, p in zip(rows, firsts, probs):
+                det = detectors[i]
+                det.samples += len(audios[i])
+                events[i] = det.push_probabilities(p, first)
+        return events
 
     def push_probabilities(self, probs: np.ndarray, first_window: int) -> List[TurnEvent]:
         """The state machine on its own: `probs[k]` is the speech probability of the

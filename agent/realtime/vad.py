@@ -21,7 +21,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -181,6 +181,34 @@ class SileroVad:
             p, stream.rnn, stream.context = self.step(windows[k : k + 1], stream.rnn, stream.context)
             probs[k] = float(p[0])
         stream.samples += n * WINDOW
+        return probs
+
+    @torch.no_grad()
+    def process_batch(self, streams: Sequence[VadStream], audios: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """`process` for many streams at once: the k-th new window of every stream
+        that has one runs in one batched call, so a tick costs as many network
+        steps as the most windows any one stream completed, not their sum."""
+        bufs, counts = [], []
+        for stream, audio in zip(streams, audios):
+            audio = as_float_audio(audio)
+            buf = np.concatenate([stream.pending, audio]) if len(stream.pending) else audio
+            n = len(buf) // WINDOW
+            stream.pending = buf[n * WINDOW:].copy()
+            bufs.append(buf)
+            counts.append(n)
+        probs = [np.empty(n, np.float32) for n in counts]
+        for k in range(max(counts, default=0)):
+            rows = [i for i, n in enumerate(counts) if n > k]
+            windows = torch.from_numpy(np.stack([bufs[i][k * WINDOW:(k + 1) * WINDOW] for i in rows]))
+            rnn = torch.cat([streams[i].rnn for i in rows], dim=1)
+            context = torch.cat([streams[i].context for i in rows])
+            p, rnn, context = self.step(windows, rnn, context)
+            for j, i in enumerate(rows):
+                probs[i][k] = float(p[j])
+                streams[i].rnn = rnn[:, j: j + 1].clone()
+                streams[i].context = context[j: j + 1]
+        for stream, n in zip(streams, counts):
+            stream.samples += n * WINDOW
         return probs
 
     def reset(self, stream: VadStream) -> None:
