@@ -172,30 +172,32 @@ class BatchedLLM:
         device = self.device
         lengths = [p.shape[0] for p in pieces]
         batch, width = len(pieces), max(lengths)
-        x = torch.zeros(batch, width, pieces[0].shape[-1], dtype=self.dtype, device=device)
+        x = pieces[0].new_zeros(batch, width, pieces[0].shape[-1])
         for r, p in enumerate(pieces):
             x[r, : p.shape[0]] = p
-        start = torch.tensor(starts, device=device)
-        length = torch.tensor(lengths, device=device)
-        col = torch.arange(width, device=device)
-        position_ids = start[:, None] + col[None, :]  # pad columns too: harmless, never written or attended
-        real = col[None, :] < length[:, None]
-        rows, cols = real.nonzero(as_tuple=True)
+        # Index tensors are built on the host and sent once: nothing here waits for the device.
+        rows = [r for r, n in enumerate(lengths) for _ in range(n)]
+        cols = [c for n in lengths for c in range(n)]
+        cpu = dict(dtype=torch.long)
+        position_ids = (torch.tensor(starts, **cpu)[:, None] + torch.arange(width)[None, :])  # pad columns: harmless
         kv_len = max(s + n for s, n in zip(starts, lengths))
-        key_pos = torch.arange(kv_len, device=device)
-        allowed = key_pos[None, None, :] <= position_ids[:, :, None]  # causal within the row's own slot
-        mask = torch.zeros(batch, 1, width, kv_len, dtype=self.dtype, device=device)
+        allowed = torch.arange(kv_len)[None, None, :] <= position_ids[:, :, None]  # causal within the row's own slot
+        mask = torch.zeros(batch, 1, width, kv_len, dtype=self.dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-        slot_t = torch.tensor(slots, device=device)
+        rows_t, cols_t = torch.tensor(rows, **cpu), torch.tensor(cols, **cpu)
+        write_pos = position_ids[rows_t, cols_t]
+        last = torch.tensor(lengths, **cpu) - 1
+        to = dict(device=device, non_blocking=True)
         contiguous = slice(slots[0], slots[0] + batch) if slots == list(range(slots[0], slots[0] + batch)) else None
-        self.cache.bind(slot_t, rows, cols, position_ids[rows, cols], kv_len, contiguous)
+        self.cache.bind(torch.tensor(slots, **cpu).to(**to), rows_t.to(**to), cols_t.to(**to), write_pos.to(**to),
+                        kv_len, contiguous)
         try:
-            hidden = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
-                                  use_cache=True).last_hidden_state
+            hidden = self.decoder(inputs_embeds=x, attention_mask=mask.to(**to), position_ids=position_ids.to(**to),
+                                  cache=self.cache, use_cache=True).last_hidden_state
         finally:
             self.cache.bind(None, None, None, None, 0, None)
-        last = hidden[torch.arange(batch, device=device), length - 1]  # each row's last real token
-        return self.head(last).float()
+        last_hidden = hidden[torch.arange(batch, device=device), last.to(**to)]  # each row's last real token
+        return self.head(last_hidden).float()
 
 
 class SlotLLMState:

@@ -91,6 +91,12 @@ def build_llama(tokenizer, size: str = "tiny", seed: int = 0, vocab_size: Option
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if config.vocab_size > len(tokenizer):
+        # A realistic head size for benchmarks, but ids past the tokenizer's vocabulary
+        # would decode to no text at all: a zero row scores 0, below the best real token,
+        # so random replies stay readable text (the matmul costs the same).
+        with torch.no_grad():
+            model.lm_head.weight[len(tokenizer):] = 0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
