@@ -20,16 +20,17 @@
 # Environment: NESTVOX_GPU_CHECK_BUDGET_S (total seconds, default 470); NESTVOX_VENV (the venv to
 # use when it has torch, default .venv); else a venv NESTVOX_GPU_VENV (default /tmp/nestvox-venv-gpu)
 # is made over PYTHON's packages (default python3: a GPU image's CUDA torch and triton) and the
-# project's other requirements are pip-installed into it, offline from NESTVOX_WHEELHOUSE (default
-# .wheelhouse when it exists). A GPU image without NeMo and no network fails the NeMo stages, says
-# so in setup.log, and still runs the kernel stage.
+# project's other requirements are pip-installed into it: offline from NESTVOX_WHEELHOUSE (default
+# .wheelhouse when it exists; make it with scripts/make_wheelhouse.sh and carry it), else from the
+# index. A GPU image without NeMo and neither fails the NeMo stages, says so in setup.log, and
+# still runs the kernel stage.
 set -u -o pipefail
 
 MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--cpu) MODE=cpu ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $arg (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -84,16 +85,17 @@ PYEOF
     "$PY" -c "import torch, triton; print(f'torch=={torch.__version__}'); print(f'triton=={triton.__version__}')" \
       > "$RESULTS/.constraints.txt" 2>/dev/null || "$PY" -c "import torch; print(f'torch=={torch.__version__}')" \
       > "$RESULTS/.constraints.txt"
-    local src=()
-    if [ -n "$wheels" ]; then
-      src=(--no-index --find-links "$wheels")
-      echo "pip: offline, from the wheelhouse $wheels"
-    fi
     if "$PY" -c "import nemo.collections.asr, transformers, websockets, soxr, soundfile, pytest" 2>/dev/null; then
       echo "pip: the requirements import already"
+    elif [ -n "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+      # Exact versions known to work together (scripts/make_wheelhouse.sh): no resolver, no index.
+      echo "pip: offline, every wheel of $wheels with --no-deps"
+      timeout 240 "$PY" -m pip install -q --no-index --no-deps "$wheels"/*.whl \
+        || echo "WARNING: pip could not install the wheelhouse: stages that need NeMo will fail"
     else
-      echo "pip: installing the requirements (minus torch/triton) into $venv; offline machines need NESTVOX_WHEELHOUSE"
-      timeout 240 "$PY" -m pip install -q "${src[@]}" -c "$RESULTS/.constraints.txt" -r "$RESULTS/.requirements.txt" \
+      echo "pip: installing the requirements (minus torch/triton) into $venv from the index;"
+      echo "     an offline machine needs a wheelhouse (scripts/make_wheelhouse.sh, carried as .wheelhouse)"
+      timeout 240 "$PY" -m pip install -q -c "$RESULTS/.constraints.txt" -r "$RESULTS/.requirements.txt" \
         || echo "WARNING: pip could not install every requirement (offline?): stages that need them will fail"
     fi
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
