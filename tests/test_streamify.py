@@ -61,7 +61,7 @@ def run_streamify(teacher, out, data, *extra):
     train, val = data
     args = build_parser().parse_args(["--nest-model", teacher, "--out", out, "--manifest", train,
                                       "--val-manifest", val, "--batch-size", "4", "--lr", "3e-4",
-                                      "--warmup-steps", "5", "--report-items", "3", *extra])
+                                      "--warmup-steps", "5", "--report-items", "3", "--threads", "1", *extra])
     lines = []
     report = run(args, log=lines.append)
     return report, lines
@@ -331,3 +331,38 @@ async def test_serve_streams_swapped_student_checkpoint(streamified, full_checkp
     expected = UltravoxInference(swapped).generate("", audio=pcm.astype(np.float32) / 32768,
                                                    system_prompt="Answer briefly.", max_new_tokens=6)
     assert text == expected and expected
+
+
+def test_recipe_streamifies_a_pretrained_audio_model(teacher_path, data, tmp_path):
+    from agent.nest.streamable import not_streamable_reasons
+    from agent.training.config import load_config
+    from agent.training.streamify import streamify_audio_model
+    from agent.training.train import build_audio_tower
+
+    config = load_config(None, [f"audio_model={teacher_path}", f"output_dir={tmp_path}", f"data.train_manifest={data[0]}",
+                                f"data.val_manifest={data[1]}", "streamify.enabled=true", "streamify.steps=2",
+                                "streamify.chunks_ms=320", "streamify.batch_size=2", "train.threads=1"])
+    lines = []
+    config["audio_model"] = streamify_audio_model(config, lines.append)
+    assert config["audio_model"] == str(tmp_path / "streamified_nest.nemo")
+    tower = build_audio_tower(config)
+    assert not_streamable_reasons(tower) == [] and list(tower.encoder.att_context_size) == [64, 3]
+    again = []
+    config["audio_model"] = teacher_path
+    assert streamify_audio_model(config, again.append) == str(tmp_path / "streamified_nest.nemo")
+    assert any("reusing" in line for line in again)  # a finished student is not distilled again
+    with pytest.raises(ValueError, match="pretrained audio_model"):
+        streamify_audio_model(load_config(None, ["streamify.enabled=true"]))
+
+
+def test_streaming_report_student_column(streamified, data, capsys):
+    from agent.nest.streaming_report import main
+
+    out, report, _ = streamified
+    main(["--nest-model", report["teacher"], "--student-model", out, "--manifest", data[1], "--chunks-ms", "320",
+          "--limit", "2"])
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| 320 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    naive, student = (float(v) for v in cells[-2].split("/"))
+    assert "L0 naive / student" in printed and student > naive and float(cells[-1]) <= 1e-4

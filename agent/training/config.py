@@ -42,6 +42,14 @@ Keys (dotted names are what an override uses):
 * ``eval``: ``every`` (steps), ``val_batches``, ``n_generate`` (greedy exact match),
   ``save_every``, ``keep``.
 * ``output_dir``, ``resume`` (continue from the last checkpoint in ``output_dir``).
+* ``streamify``: make a pretrained full-context ``audio_model`` (the published NEST checkpoints:
+  regular attention, symmetric convolutions, ``per_feature`` normalization) streamable before
+  training, with `agent.training.streamify`: ``enabled`` (default false), ``output`` (the
+  student ``.nemo``, default ``OUTPUT/streamified_nest.nemo``), ``manifest`` / ``val_manifest``
+  (default ``data.train_manifest`` / ``data.val_manifest``), ``chunks_ms`` ("160,320,640"),
+  ``left_context_ms``, ``layers``, ``steps``, ``max_minutes``, ``lr``, ``batch_size``. The
+  student then is the ``audio_model`` the recipe trains with, and the final checkpoint streams
+  exactly in ``serve.py``. A finished student is reused on a rerun; an unfinished one resumes.
 """
 from __future__ import annotations
 
@@ -105,6 +113,9 @@ DEFAULTS: Dict[str, Any] = {
         "speed": [0.9, 1.1],
         "spec_augment": {"freq_masks": 2, "freq_width": 12, "time_masks": 2, "time_width": 0.05},
     },
+    "streamify": {"enabled": False, "output": None, "manifest": None, "val_manifest": None,
+                  "chunks_ms": "160,320,640", "left_context_ms": 5120, "layers": "all", "steps": 2000,
+                  "max_minutes": None, "lr": 5.0e-4, "batch_size": 8},
     "eval": {"every": 500, "val_batches": 4, "n_generate": 48, "save_every": 500, "keep": 2, "max_new_tokens": 16},
 }
 

@@ -228,6 +228,17 @@ def split_items(args) -> tuple:
 
 
 def run(args, log=print) -> dict:
+    """Distill, save, report (see the module doc). Returns the report."""
+    threads = torch.get_num_threads()
+    try:
+        # Grad on even if the caller (a server, a test) turned it off globally.
+        with torch.enable_grad():
+            return _run(args, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, log=print) -> dict:
     from tqdm import tqdm
 
     from agent.nest import NestEncoder
@@ -367,6 +378,41 @@ def run(args, log=print) -> dict:
     log(format_student_rows(rows))
     log(f"report: {report_path(args.out)}")
     return report
+
+
+def streamify_audio_model(config: dict, log=print) -> str:
+    """The recipe's `streamify:` section (agent.training.config): distill the pretrained
+    `audio_model` into a streaming student and return the student's path. A student that
+    already reached its steps is reused; an unfinished one resumes."""
+    sc = config["streamify"]
+    source = config["audio_model"]
+    if not isinstance(source, str):
+        raise ValueError("streamify.enabled needs a pretrained audio_model (a .nemo or NeMo name); a fresh NEST "
+                         "from a shape spec is built streaming already (audio_model.streaming: true)")
+    out = sc.get("output") or os.path.join(config["output_dir"], "streamified_nest.nemo")
+    manifest = sc.get("manifest") or config["data"]["train_manifest"]
+    val = sc.get("val_manifest") or config["data"]["val_manifest"]
+    if os.path.isfile(out) and os.path.isfile(report_path(out)):
+        with open(report_path(out)) as f:
+            done = json.load(f)
+        if done.get("teacher") == str(source) and done.get("steps", 0) >= int(sc["steps"]):
+            log(f"streamify: reusing {out} ({done['steps']} steps)")
+            return out
+    argv = ["--nest-model", str(source), "--out", out, "--manifest", manifest, "--chunks-ms", str(sc["chunks_ms"]),
+            "--left-context-ms", str(sc["left_context_ms"]), "--layers", str(sc["layers"]),
+            "--steps", str(sc["steps"]), "--lr", str(sc["lr"]), "--batch-size", str(sc["batch_size"]),
+            "--seed", str(config["seed"])]
+    if val:
+        argv += ["--val-manifest", val]
+    if sc.get("max_minutes"):
+        argv += ["--max-minutes", str(sc["max_minutes"])]
+    if config["train"].get("threads"):
+        argv += ["--threads", str(config["train"]["threads"])]
+    report = run(build_parser().parse_args(argv), log=log)
+    if report["stopped_by_time"]:
+        log(f"streamify stopped by streamify.max_minutes at step {report['steps']} of {report['target_steps']}: "
+            f"training on the partly distilled student (rerun to continue it)")
+    return out
 
 
 def _fmt(values: Dict[int, float]) -> str:

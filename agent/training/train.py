@@ -246,6 +246,10 @@ class Trainer:
             self.text_pretrained = self.encoder_pretrained = True
             self.log(f"resuming from {resume_from} (step {self.step})")
         else:
+            if config["streamify"]["enabled"]:  # a pretrained full-context NEST -> a streaming student
+                from agent.training.streamify import streamify_audio_model
+
+                config["audio_model"] = streamify_audio_model(config, self.log)
             self.model, self.tokenizer = build_model(config, corpus)
         # The LLM's attention kernel while training (speed only); train() puts the model's own back.
         self.inference_attn = self.model.language_model.config._attn_implementation
