@@ -43,7 +43,7 @@ from agent.realtime import events as ev
 from agent.realtime.config import SessionConfig
 from agent.realtime.handle import SessionHandle
 from agent.realtime.live_session import LiveSession
-from agent.realtime.session import Session
+from agent.realtime.session import Session, project_groups
 from agent.realtime.turns import TurnDetector
 
 log = logging.getLogger("nestvox.engine")
@@ -340,9 +340,39 @@ class Engine:
                 stats["encoder_batch_max"] = max(stats["encoder_batch_max"], size)
                 if self.on_encoder_batch is not None:
                     self.on_encoder_batch(size)
+            listening = []
             for (live, work), state, feats in zip(members, states, frames):
-                self._guard(live, live.encoder_done, work, state, feats)
+                if work.final:  # a turn's end (or a speculative one): its own end-of-turn path
+                    self._guard(live, live.encoder_done, work, state, feats)
+                else:
+                    live.encoder_state = state
+                    listening.append((live, feats))
+            self._add_audio(listening)
         return bool(groups)
+
+    def _add_audio(self, listening) -> None:
+        """Stack every listening session's new frames, project all complete groups in
+        ONE projector call, and queue each session's embeddings for the LLM."""
+        stacked = []
+        for live, feats in listening:
+            groups = self._guard(live, live.session.stack, feats)
+            if groups is not None and groups.shape[1]:
+                stacked.append((live, groups))
+        if not stacked:
+            return
+        try:
+            embeds = project_groups(self.model, torch.cat([groups for _, groups in stacked], dim=1))
+        except Exception as exc:
+            log.exception("projector failed")
+            self.stats["errors"] += 1
+            for live, _ in stacked:
+                live.fail(exc)
+            return
+        start = 0
+        for live, groups in stacked:
+            n = groups.shape[1]
+            self._guard(live, live.session.add_audio, embeds[start: start + n])
+            start += n
 
     # -- 3. and 4. the LLM -----------------------------------------------------------
     def _forward(self) -> bool:

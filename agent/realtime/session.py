@@ -36,6 +36,15 @@ from agent.realtime.sampling import GenerationSettings, Sampler, stop_ids
 from kernels import StackCarry, stack_fuse_flush, stack_fuse_stream
 
 
+def project_groups(model, groups: torch.Tensor) -> Optional[torch.Tensor]:
+    """Stacked groups `[B, n, stack*D]` -> LLM input embeddings `[B*n, H]`, one projector
+    call (None when there are none)."""
+    if groups.shape[1] == 0:
+        return None
+    with torch.no_grad():
+        return model.projector.project(groups.to(model.dtype)).flatten(0, 1)
+
+
 class TurnTooLong(RuntimeError):
     """The current turn alone does not fit the LLM's context budget."""
 
@@ -91,7 +100,7 @@ class Session:
         self.system_prompt = system_prompt or None
         self.user_text = user_text  # text before the audio in each user message ("" = audio only)
         self.placeholder = model.config.audio_placeholder
-        self.stack = model.config.stack_factor
+        self.stack_factor = model.config.stack_factor
         self.llm = llm if llm is not None else LLMState(model.language_model, max_positions)
         default_stops = stop_ids(tokenizer.eos_token_id, model.language_model.generation_config.eos_token_id)
         self.settings = settings or GenerationSettings(max_new_tokens=64)
@@ -140,38 +149,36 @@ class Session:
 
     def accept_frames(self, frames: torch.Tensor) -> int:
         """New encoder frames `[K, t, D]` of this turn: stack complete groups, project
-        them and pre-fill the embeddings at once."""
-        return self._prefill_groups(self._stack(frames))
+        them and pre-fill the embeddings at once. (The engine does the same for many
+        sessions with one projector call: `stack`, `project_groups`, `add_audio`.)"""
+        return self.add_audio(project_groups(self.model, self.stack(frames)))
 
-    def _stack(self, frames: torch.Tensor, final: bool = False) -> torch.Tensor:
+    def stack(self, frames: torch.Tensor, final: bool = False) -> torch.Tensor:
         """Fuse and stack this turn's new frames `[K, t, D]` into complete groups
         `[1, n, stack*D]`; `final`: the partial last group too (the turn ended)."""
         turn = self.turn
         weights = self.model.projector.fusion_weights().to(frames.dtype)
-        turn.carry, groups = stack_fuse_stream(turn.carry, frames.unsqueeze(1), weights, self.stack)
+        turn.carry, groups = stack_fuse_stream(turn.carry, frames.unsqueeze(1), weights, self.stack_factor)
         if final and turn.carry.pending:
-            groups = torch.cat([groups, stack_fuse_flush(turn.carry, weights, self.stack)], dim=1)
+            groups = torch.cat([groups, stack_fuse_flush(turn.carry, weights, self.stack_factor)], dim=1)
         return groups
 
-    def _project(self, groups: torch.Tensor) -> Optional[torch.Tensor]:
-        """Groups -> LLM input embeddings `[n, H]` (None when there are none), kept for replay."""
-        if groups.shape[1] == 0:
-            return None
-        with torch.no_grad():
-            embeds = self.model.projector.project(groups.to(self.model.dtype))[0]
-        self.turn.embeddings.append(embeds)
-        self.turn.audio_positions += embeds.shape[0]
-        return embeds
+    def _keep(self, embeds: Optional[torch.Tensor]) -> None:
+        """Record the turn's audio embeddings (to rebuild it after a context restart)."""
+        if embeds is not None and embeds.shape[0]:
+            self.turn.embeddings.append(embeds)
+            self.turn.audio_positions += embeds.shape[0]
 
-    def _prefill_groups(self, groups: torch.Tensor) -> int:
-        embeds = self._project(groups)
-        if embeds is None:
+    def add_audio(self, embeds: Optional[torch.Tensor]) -> int:
+        """Pre-fill this turn's next audio embeddings `[n, H]` (None: none)."""
+        if embeds is None or embeds.shape[0] == 0:
             return 0
+        self._keep(embeds)
         try:
             self.llm.prefill_embeds(embeds)
         except ContextFull:
             self._restart_conversation()
-            self._replay_turn()  # the turn's embeddings, this group included
+            self._replay_turn()  # the turn's embeddings, these included
         return embeds.shape[0]
 
     def end_turn(self, frames: torch.Tensor, speech_end: Optional[float] = None) -> None:
@@ -184,7 +191,8 @@ class Session:
             raise RuntimeError("no user turn in progress")
         turn.times.speech_end = speech_end if speech_end is not None else time.perf_counter()
         turn.times.encoder_done = time.perf_counter()
-        audio = self._project(self._stack(frames, final=True))
+        audio = project_groups(self.model, self.stack(frames, final=True))
+        self._keep(audio)
         if turn.audio_positions == 0:
             raise ValueError("the turn holds no audio (less than one encoder frame): nothing to answer")
         after = self._user_ids().after
