@@ -366,3 +366,32 @@ def test_streaming_report_student_column(streamified, data, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     naive, student = (float(v) for v in cells[-2].split("/"))
     assert "L0 naive / student" in printed and student > naive and float(cells[-1]) <= 1e-4
+
+
+def test_pretrain_nest_trains_a_full_context_nest_with_nemos_objective(data, tmp_path):
+    from agent.nest.streamable import not_streamable_reasons
+    from agent.training.pretrain_nest import main
+
+    out = str(tmp_path / "nest.nemo")
+    main(["--out", out, "--manifest", data[0], "--val-manifest", data[1], "--shape", "32,2,2,16", "--steps", "3",
+          "--batch-size", "2", "--eval-every", "3", "--warmup-steps", "1", "--threads", "1"])
+    records = [json.loads(line) for line in open(str(tmp_path / "nest.pretrain" / "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # masked-token cross-entropy over a 256-entry codebook: finite, about log(256) at the start
+    assert all(np.isfinite(r["loss"]) and 3.0 < r["loss"] < 8.0 for r in records)
+    assert np.isfinite(records[-1]["val_loss"])
+    encoder = NestEncoder(out, layer="all")
+    assert encoder.num_layers == 2 and encoder.hidden_size == 32
+    assert len(not_streamable_reasons(encoder)) == 3  # full context, like the published checkpoints
+
+
+def test_probe_word_error_rate():
+    from agent.training.probe import edit_distance, word_error_rate
+
+    assert edit_distance("a b c".split(), "a x c d".split()) == 2
+    # a head that emits word 1, blank, word 1, word 2 on four frames -> "on on off" after CTC collapse
+    logits = torch.full((4, 3), -10.0)
+    for t, k in enumerate([1, 0, 1, 2]):
+        logits[t, k] = 10.0
+    wer = word_error_rate(lambda x: logits[None], [torch.zeros(4, 1)], [["on", "off"]], {1: "on", 2: "off"})
+    assert wer == 50.0
