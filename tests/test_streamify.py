@@ -395,3 +395,15 @@ def test_probe_word_error_rate():
         logits[t, k] = 10.0
     wer = word_error_rate(lambda x: logits[None], [torch.zeros(4, 1)], [["on", "off"]], {1: "on", 2: "off"})
     assert wer == 50.0
+
+
+def test_processor_from_a_student_config_batches(streamified, data):
+    from agent.nest import NestProcessor
+
+    student = NestEncoder(streamified[0])
+    processor = NestProcessor.from_config(student.nemo_cfg)  # what UltravoxProcessor.from_pretrained builds
+    waves = waves_of(data[1])[:2]
+    batch = processor(waves)
+    own = student.processor()(waves)
+    assert torch.equal(batch["feature_lengths"], own["feature_lengths"])
+    assert (batch["input_features"] - own["input_features"]).abs().max() < 1e-5

@@ -70,6 +70,10 @@ class NestProcessor:
             cfg = dict(preprocessor_config_dict or preprocessor_config())
             cfg.pop("_target_", None)
             preprocessor = AudioToMelSpectrogramPreprocessor(**cfg)
+            # Fixed statistics (a streamified encoder's) for any batch size: NeMo's own path takes one.
+            from agent.nest.normalization import install_fixed_normalization
+
+            install_fixed_normalization(preprocessor)
         self.preprocessor = preprocessor.eval()  # eval: no dither, deterministic features
         if pre_encode is not None:
             self.frames = FrameCounter(self.preprocessor, pre_encode)
