@@ -219,6 +219,7 @@ BAD_INPUTS = [
     ('{"type": "input_audio_buffer.append", "audio": "***"}', "invalid_audio"),
     ('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "invalid_session_config"),
     ('{"type": "session.update", "session": {"chunk_ms": 100}}', "invalid_session_config"),
+    ('{"type": "session.update", "session": {"chunk_ms": 2560}}', "invalid_session_config"),  # not offered
     ('{"type": "session.update", "session": {"temperature": -1}}', "invalid_session_config"),
     ('{"type": "response.cancel"}', "response_cancel_not_active"),
     ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),

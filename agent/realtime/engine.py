@@ -64,10 +64,19 @@ def new_stats() -> dict:
 class Engine:
     def __init__(self, model, tokenizer, streamer, max_batch: int = 32, llm_batching: bool = True,
                  max_sessions: int = 16, offered_chunk_ms: Sequence[int] = OFFERED_CHUNK_MS,
-                 max_positions: Optional[int] = None, idle_wait_s: float = 0.01):
+                 max_positions: Optional[int] = None, encoder_chunks_per_step: int = 2,
+                 prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01):
         """`streamer`: the default StreamingNestEncoder; one more is built at start-up
         for every chunk size in `offered_chunk_ms`. `max_sessions`: LLM cache slots.
-        `max_positions`: each slot's context budget (default: the model's)."""
+        `max_positions`: each slot's context budget (default: the model's).
+        `encoder_chunks_per_step`: while a user talks, their audio goes to the encoder
+        this many chunks at a time (a turn's end flushes at once), so concurrent
+        sessions meet in the same batched call and each call amortizes the fixed
+        per-step cost over more audio. `prefill_delay_ms`: the longest a listening
+        session's audio groups wait for a forward that runs anyway (see _forward).
+        Neither delays a turn's end: speculation runs the flush during the silence."""
+        if encoder_chunks_per_step < 1:
+            raise ValueError(f"encoder_chunks_per_step must be >= 1, got {encoder_chunks_per_step}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.streamer = streamer
@@ -78,6 +87,8 @@ class Engine:
         self.llm_batching = llm_batching
         self.max_positions = max_positions
         self.idle_wait_s = idle_wait_s
+        self.encoder_chunks_per_step = int(encoder_chunks_per_step)
+        self.prefill_delay_s = float(prefill_delay_ms) / 1000.0
         self.llm = None  # BatchedLLM, built at start-up
         self.sessions: Dict[str, LiveSession] = {}
         self._commands: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -99,10 +110,14 @@ class Engine:
             return self.streamer
         frame_ms = self.streamer.frame_ms
         frames = chunk_ms / frame_ms
-        streamer = self.streamers.get(int(round(frames))) if abs(frames - round(frames)) < 1e-6 else None
+        offered = sorted(int(round(s.chunk_ms)) for s in self.streamers.values())
+        if frames < 1 or abs(frames - round(frames)) > 1e-6:
+            raise ValueError(f"chunk_ms must be a positive multiple of {frame_ms:g} ms, got {chunk_ms}; "
+                             f"this server offers {offered}")
+        streamer = self.streamers.get(int(round(frames)))
         if streamer is None:
-            offered = sorted(int(round(s.chunk_ms)) for s in self.streamers.values())
-            raise ValueError(f"chunk_ms {chunk_ms} is not offered by this server; choose one of {offered}")
+            raise ValueError(f"chunk_ms {chunk_ms} is not offered by this server; choose one of {offered} "
+                             f"(serve.py --chunk-sizes-ms)")
         return streamer
 
     def _build_streamers(self) -> None:
@@ -225,7 +240,8 @@ class Engine:
                     llm.max_positions = config.max_positions
             session = Session(self.model, self.tokenizer, system_prompt=config.instructions,
                               settings=config.generation(), max_positions=config.max_positions, llm=llm)
-            self.sessions[sid] = LiveSession(sid, config, emit, session, self.streamer_for, self.vad(), self.stats)
+            self.sessions[sid] = LiveSession(sid, config, emit, session, self.streamer_for, self.vad(), self.stats,
+                                             encoder_chunks=self.encoder_chunks_per_step)
         except Exception as exc:
             if llm is not None:
                 self.llm.close(llm)
@@ -376,15 +392,23 @@ class Engine:
 
     # -- 3. and 4. the LLM -----------------------------------------------------------
     def _forward(self) -> bool:
-        """ONE batched forward over every slot's queued work: the audio groups and
-        template tokens pre-filled this tick, and the tokens the replying sessions
-        picked at the end of the last one (long pieces get a second forward; see
-        BatchedLLM.flush)."""
+        """ONE batched forward over the slots' queued work: the tokens the replying
+        sessions picked at the end of the last tick (decode), turn tails, and the
+        audio groups and template tokens of listening sessions (pre-fill). A forward
+        reads every LLM weight whatever its rows, so listening sessions' audio does
+        not call one by itself before it has waited `prefill_delay_s`: it rides
+        along with the next forward that runs anyway. Long pieces run in a second
+        forward (see BatchedLLM.flush) only when due."""
         if self.llm is None:  # round-robin: every call already ran on its own cache
             return False
-        lives = [live for live in self.sessions.values() if live.session.llm.pending]
-        if not lives:
+        from agent.realtime.llm_batch import NARROW_ROW
+
+        now = time.perf_counter()
+        pending = [live for live in self.sessions.values() if live.session.llm.pending]
+        due = [live for live in pending if live.llm_urgent or now - live.session.llm.pending_since >= self.prefill_delay_s]
+        if not due:
             return False
+        lives = due + [live for live in pending if live not in due and live.session.llm.pending <= NARROW_ROW]
         decoding = sum(1 for live in lives if live.id in self._decoding)
         forwards = self.llm.forwards
         start = time.perf_counter()

@@ -73,6 +73,7 @@ class Speculation:
     silence: int  # where the pause began
     snapshot: dict  # Session.snapshot() before the speculative end_turn
     encoder_state: object  # the encoder stream before its flush
+    fed: int  # the turn's audio fed to the encoder before the flush (its call also took audio)
 
 
 @dataclass
@@ -98,19 +99,21 @@ class EncoderWork:
     audio: torch.Tensor
     final: bool
     speculative: bool = False
+    start: int = 0  # absolute sample where `audio` begins
 
 
 class LiveSession:
     """Touched only by the engine thread."""
 
     def __init__(self, sid: str, config: SessionConfig, emit: Callable[[ev.EngineEvent], None], session: Session,
-                 streamer_for: Callable, vad, stats: dict):
+                 streamer_for: Callable, vad, stats: dict, encoder_chunks: int = 1):
         self.id = sid
         self.config = config
         self.emit = emit
         self.session = session
         self.streamer_for = streamer_for  # chunk_ms -> the engine's streamer (built at start-up)
         self.stats = stats
+        self.encoder_chunks = encoder_chunks  # while listening, audio goes to the encoder this many chunks at a time
         self.detector = TurnDetector(config.turn_detection, vad=vad)
         self.phase = Phase.IDLE
         self.audio = np.zeros(0, dtype=np.float32)  # samples from `audio_start` on
@@ -173,7 +176,7 @@ class LiveSession:
     def _trim(self) -> None:
         """Keep only audio that a turn may still need (the prefix padding window)."""
         if self.turn is not None:
-            keep_from = max(self.turn.start, self.turn.fed)
+            keep_from = max(self.turn.start, self.turn.fed if self.spec is None else self.spec.fed)
         elif self.queued is not None:
             keep_from = self.queued.start
         else:
@@ -266,13 +269,16 @@ class LiveSession:
         else:  # while a pause runs, hold its audio back: it joins the turn only if speech resumes
             upto = self.detector.speech_until(available)
         upto = max(upto, turn.fed)
-        piece = self.audio[turn.fed - self.audio_start: upto - self.audio_start]
         speculative = self.phase is Phase.LISTENING and self._may_speculate(upto)
         final = self.phase is Phase.ENDING or speculative
-        if piece.size == 0 and not final:
-            return None
-        turn.fed = upto
-        return EncoderWork(torch.from_numpy(np.ascontiguousarray(piece)), final, speculative)
+        if not final:  # whole units of chunks while the user talks
+            unit = int(round(self.streamer.chunk_ms * SR / 1000)) * self.encoder_chunks
+            upto = turn.fed + (upto - turn.fed) // unit * unit
+            if upto == turn.fed:
+                return None
+        piece = self.audio[turn.fed - self.audio_start: upto - self.audio_start]
+        start, turn.fed = turn.fed, upto
+        return EncoderWork(torch.from_numpy(np.ascontiguousarray(piece)), final, speculative, start)
 
     def _may_speculate(self, fed: int) -> bool:
         silence = self.detector.pending_silence_start
@@ -284,7 +290,7 @@ class LiveSession:
     def encoder_done(self, work: EncoderWork, state, frames: torch.Tensor) -> None:
         before, self.encoder_state = self.encoder_state, state
         if work.speculative:
-            self._speculate(before, frames)
+            self._speculate(work, before, frames)
         elif work.final:
             self.finish_turn(frames)
         else:
@@ -306,7 +312,7 @@ class LiveSession:
         self.phase = Phase.IDLE  # from any phase: this is the reset, not a transition
 
     # -- speculative end of turn -----------------------------------------------------
-    def _speculate(self, encoder_before, frames: torch.Tensor) -> None:
+    def _speculate(self, work: EncoderWork, encoder_before, frames: torch.Tensor) -> None:
         silence = self.detector.pending_silence_start
         snapshot = self.session.snapshot()
         try:
@@ -314,9 +320,10 @@ class LiveSession:
         except ValueError:  # no audio yet: nothing to speculate on; the real end will say so
             self.session.restore(snapshot)
             self.encoder_state = encoder_before
+            self.turn.fed = work.start
             self._spec_refused = silence
             return
-        self.spec = Speculation(silence, snapshot, encoder_before)
+        self.spec = Speculation(silence, snapshot, encoder_before, work.start)
         self._enter(Phase.SPECULATING)
         self.stats["speculations"] += 1
 
@@ -324,6 +331,7 @@ class LiveSession:
         if self.phase is Phase.SPECULATING:
             self.session.restore(self.spec.snapshot)
             self.encoder_state = self.spec.encoder_state
+            self.turn.fed = self.spec.fed  # the flush's call took audio too: it goes to the encoder again
             self.spec = None
             self._enter(Phase.LISTENING)
             self.stats["speculation_rollbacks"] += 1
@@ -422,4 +430,10 @@ class LiveSession:
     @property
     def replying(self) -> bool:
         return self.phase is Phase.REPLYING
+
+    @property
+    def llm_urgent(self) -> bool:
+        """Its queued LLM work is on the way to a reply (a turn's tail, a reply's
+        tokens): it runs in this tick's forward, never deferred."""
+        return self.phase in (Phase.REPLYING, Phase.SPECULATING, Phase.WAITING)
 

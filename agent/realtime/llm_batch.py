@@ -27,6 +27,7 @@ else is refused at construction with the alternative named.
 """
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -159,11 +160,13 @@ class BatchedLLM:
             for s in todo:  # nothing was committed; the queued work is lost with the failed call
                 s._pending.clear()
                 s._pending_len = 0
+                s.pending_since = None
             raise
         for s, piece, row in zip(todo, pieces, logits):
             s._committed += piece.shape[0]
             s._pending.clear()
             s._pending_len = 0
+            s.pending_since = None
             s._logits = row
         self.forwards += 1
         self.max_rows = max(self.max_rows, len(todo))
@@ -212,6 +215,7 @@ class SlotLLMState:
         self._committed = 0  # positions whose K/V are in the slot
         self._pending: List[torch.Tensor] = []  # queued embeddings [n, H], not run yet
         self._pending_len = 0
+        self.pending_since: Optional[float] = None  # perf_counter when the queued work began
         self._logits: Optional[torch.Tensor] = None
 
     # -- bookkeeping ---------------------------------------------------------------
@@ -234,6 +238,7 @@ class SlotLLMState:
         self._committed = 0
         self._pending.clear()
         self._pending_len = 0
+        self.pending_since = None
         self._logits = None
 
     def truncate(self, positions: int) -> None:
@@ -252,10 +257,13 @@ class SlotLLMState:
                 kept.append(piece[:keep])
                 keep -= kept[-1].shape[0]
             self._pending, self._pending_len = kept, positions - self._committed
+            if not kept:
+                self.pending_since = None
         else:  # the slot's valid prefix shrinks; stale K/V past it are overwritten later
             self._committed = positions
             self._pending.clear()
             self._pending_len = 0
+            self.pending_since = None
         self._logits = None
 
     @property
@@ -286,6 +294,8 @@ class SlotLLMState:
             return
         if not self.fits(n):
             raise ContextFull(self.positions, n, self.max_positions)
+        if not self._pending:
+            self.pending_since = time.perf_counter()
         self._pending.append(embeds.to(device=self.device, dtype=self.dtype))
         self._pending_len += n
         self._logits = None
