@@ -52,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--llm-batching", choices=["on", "off"], default=env("LLM_BATCHING", "on"),
                    help="on: one batched LLM forward per engine tick for every session (a KV-cache slot each); "
                         "off: a batch-1 cache per session, replies decoded round-robin (the old baseline)")
+    p.add_argument("--encoder-chunks-per-step", type=int, default=env("ENCODER_CHUNKS_PER_STEP", 2),
+                   help="while a user talks, encode their audio this many chunks at a time (batches sessions "
+                        "together; a turn's end flushes at once)")
+    p.add_argument("--prefill-delay-ms", type=float, default=env("PREFILL_DELAY_MS", 1000.0),
+                   help="longest a listening session's audio waits to ride along with an LLM forward that runs "
+                        "anyway (decode steps, turn ends)")
     p.add_argument("--chunk-sizes-ms", default=env("CHUNK_SIZES_MS", "80,160,320,640,1280"),
                    help="chunk sizes a session may ask for (session.update chunk_ms), built at start-up")
     p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
@@ -149,7 +155,8 @@ def build_server(args):
         offered = [int(streamer.chunk_ms)]
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
-                    offered_chunk_ms=offered)
+                    offered_chunk_ms=offered, encoder_chunks_per_step=args.encoder_chunks_per_step,
+                    prefill_delay_ms=args.prefill_delay_ms)
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,
