@@ -360,7 +360,7 @@ def test_streaming_report_student_column(streamified, data, capsys):
 
     out, report, _ = streamified
     main(["--nest-model", report["teacher"], "--student-model", out, "--manifest", data[1], "--chunks-ms", "320",
-          "--limit", "2"])
+          "--limit", "1"])
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith("| 320 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -83,6 +83,15 @@ def make_batch(waves, rng: np.random.Generator, max_samples: int, noise_prob: fl
 
 
 def main(argv=None) -> None:
+    threads = torch.get_num_threads()
+    try:
+        with torch.enable_grad():  # even if the caller turned it off globally
+            _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> None:
     from tqdm import tqdm
 
     from agent.training.streamify import Waves, _read_items, lr_at
