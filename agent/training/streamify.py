@@ -87,14 +87,17 @@ class Student:
 
 
 def build_student(teacher, mean: torch.Tensor, std: torch.Tensor, chunks: Sequence[int], left_frames: int,
-                  conv_init: str = "shift") -> Student:
-    """The teacher's weights in a cache-aware NEST with fixed normalization (see the module doc)."""
+                  conv_init: str = "shift", normalization: str = "fixed") -> Student:
+    """The teacher's weights in a cache-aware NEST with fixed normalization (see the module doc).
+    `normalization="NA"`: no normalization at all (NeMo's cache-aware configs), for comparison."""
     from agent.nest.configs import cache_aware_config, chunk_context_sizes
     from agent.nest.loading import _model_from_config
     from agent.nest.normalization import fixed_normalize_config, install_fixed_normalization
 
-    cfg = cache_aware_config(teacher.nemo_cfg, chunk_context_sizes(chunks, left_frames),
-                             normalize=fixed_normalize_config(mean, std))
+    if normalization not in ("fixed", "NA"):
+        raise ValueError(f"normalization must be fixed or NA, got {normalization!r}")
+    normalize = fixed_normalize_config(mean, std) if normalization == "fixed" else "NA"
+    cfg = cache_aware_config(teacher.nemo_cfg, chunk_context_sizes(chunks, left_frames), normalize=normalize)
     model = _model_from_config(cfg)
     encoder, preprocessor = model.encoder, model.preprocessor
     del model  # the SSL heads are re-created from cfg when saving
@@ -268,7 +271,8 @@ def _run(args, log=print) -> dict:
     state_file = os.path.join(sdir, STATE_FILE)
     saved = torch.load(state_file, weights_only=False) if os.path.isfile(state_file) and args.resume else None
     if saved is not None:
-        if saved["chunks"] != chunks or saved["left"] != left or saved["layers"] != layers:
+        if saved["chunks"] != chunks or saved["left"] != left or saved["layers"] != layers or \
+                saved.get("normalization", "fixed") != args.normalization:
             raise ValueError(f"{state_file} was written for chunks {saved['chunks']}, left {saved['left']}, layers "
                              f"{saved['layers']}: delete {sdir} or pass --no-resume to start over")
         mean, std, count = saved["mean"], saved["std"], saved["stat_frames"]
@@ -278,7 +282,8 @@ def _run(args, log=print) -> dict:
         mean, std, count = measure_mel_statistics(teacher.preprocessor, calib)
         log(f"fixed normalization: per-bin statistics of {count} mel frames "
             f"({min(len(train), args.calibration_items)} training utterances)")
-    student = build_student(teacher, mean, std, chunks, left, conv_init=args.conv_init)
+    student = build_student(teacher, mean, std, chunks, left, conv_init=args.conv_init,
+                            normalization=args.normalization)
     params = [p for p in student.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     total = int(args.steps)
@@ -294,7 +299,8 @@ def _run(args, log=print) -> dict:
     def save_state():
         torch.save({"step": step, "encoder": student.encoder.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "mean": mean, "std": std, "stat_frames": count,
-                    "chunks": chunks, "left": left, "layers": layers, "teacher": str(args.nest_model)},
+                    "chunks": chunks, "left": left, "layers": layers, "normalization": args.normalization,
+                    "teacher": str(args.nest_model)},
                    state_file + ".tmp")
         os.replace(state_file + ".tmp", state_file)
 
@@ -444,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", action="store_true", help="keep the encoder's dropout on while distilling")
     p.add_argument("--batchnorm", action="store_true",
                    help="update batch-norm running statistics while distilling (default: the teacher's, frozen)")
+    p.add_argument("--normalization", choices=("fixed", "NA"), default="fixed",
+                   help="student front end: fixed per-bin statistics of the training audio, or none (NeMo's NA)")
     p.add_argument("--val-items", type=int, default=16)
     p.add_argument("--report-items", type=int, default=16, help="val utterances streamed for the report")
     p.add_argument("--eval-every", type=int, default=200)
