@@ -52,9 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--llm-batching", choices=["on", "off"], default=env("LLM_BATCHING", "on"),
                    help="on: one batched LLM forward per engine tick for every session (a KV-cache slot each); "
                         "off: a batch-1 cache per session, replies decoded round-robin (the old baseline)")
-    p.add_argument("--encoder-chunks-per-step", type=int, default=env("ENCODER_CHUNKS_PER_STEP", 2),
-                   help="while a user talks, encode their audio this many chunks at a time (batches sessions "
-                        "together; a turn's end flushes at once)")
+    p.add_argument("--encoder-step-ms", type=float, default=env("ENCODER_STEP_MS", 640.0),
+                   help="while users talk, the encoder steps every session together on a clock of this period, "
+                        "in whole chunks (0: every chunk as soon as it is ready); a turn's end flushes at once")
     p.add_argument("--prefill-delay-ms", type=float, default=env("PREFILL_DELAY_MS", 1000.0),
                    help="longest a listening session's audio waits to ride along with an LLM forward that runs "
                         "anyway (decode steps, turn ends)")
@@ -155,7 +155,7 @@ def build_server(args):
         offered = [int(streamer.chunk_ms)]
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
-                    offered_chunk_ms=offered, encoder_chunks_per_step=args.encoder_chunks_per_step,
+                    offered_chunk_ms=offered, encoder_step_ms=args.encoder_step_ms,
                     prefill_delay_ms=args.prefill_delay_ms)
     session = SessionConfig(
         instructions=args.instructions,

@@ -56,7 +56,7 @@ _session_ids = itertools.count(1)
 def new_stats() -> dict:
     """Counters only: nothing here grows with the run's length."""
     return {"ticks": 0, "errors": 0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
-            "encoder_seconds": 0.0, "audio_seconds": 0.0, "vad_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
+            "busy_seconds": 0.0, "encoder_seconds": 0.0, "audio_seconds": 0.0, "vad_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
             "llm_decode_forwards": 0, "llm_decode_rows": 0, "llm_seconds": 0.0,
             "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
 
@@ -64,19 +64,21 @@ def new_stats() -> dict:
 class Engine:
     def __init__(self, model, tokenizer, streamer, max_batch: int = 32, llm_batching: bool = True,
                  max_sessions: int = 16, offered_chunk_ms: Sequence[int] = OFFERED_CHUNK_MS,
-                 max_positions: Optional[int] = None, encoder_chunks_per_step: int = 2,
+                 max_positions: Optional[int] = None, encoder_step_ms: float = 640.0,
                  prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01):
         """`streamer`: the default StreamingNestEncoder; one more is built at start-up
         for every chunk size in `offered_chunk_ms`. `max_sessions`: LLM cache slots.
         `max_positions`: each slot's context budget (default: the model's).
-        `encoder_chunks_per_step`: while a user talks, their audio goes to the encoder
-        this many chunks at a time (a turn's end flushes at once), so concurrent
-        sessions meet in the same batched call and each call amortizes the fixed
-        per-step cost over more audio. `prefill_delay_ms`: the longest a listening
+        `encoder_step_ms`: while users talk, the encoder runs on a clock of this
+        period, taking from every listening session the same whole number of chunks
+        (the chunks nearest this period), so concurrent sessions meet in ONE batched
+        call and each call spreads the weight read, which dominates a step on a CPU
+        (one NEST-L step costs about the same for 160 ms of audio as for 640 ms),
+        over more audio. A turn's end flushes at once, off the clock. `prefill_delay_ms`: the longest a listening
         session's audio groups wait for a forward that runs anyway (see _forward).
         Neither delays a turn's end: speculation runs the flush during the silence."""
-        if encoder_chunks_per_step < 1:
-            raise ValueError(f"encoder_chunks_per_step must be >= 1, got {encoder_chunks_per_step}")
+        if encoder_step_ms < 0:
+            raise ValueError(f"encoder_step_ms must be >= 0, got {encoder_step_ms}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.streamer = streamer
@@ -87,7 +89,8 @@ class Engine:
         self.llm_batching = llm_batching
         self.max_positions = max_positions
         self.idle_wait_s = idle_wait_s
-        self.encoder_chunks_per_step = int(encoder_chunks_per_step)
+        self.encoder_step_s = float(encoder_step_ms) / 1000.0
+        self._encoder_due = 0.0  # perf_counter of the next clocked step for listening sessions
         self.prefill_delay_s = float(prefill_delay_ms) / 1000.0
         self.llm = None  # BatchedLLM, built at start-up
         self.sessions: Dict[str, LiveSession] = {}
@@ -210,11 +213,14 @@ class Engine:
 
     def tick(self) -> bool:
         """One round of work; returns whether there was any."""
+        start = time.perf_counter()
         self.stats["ticks"] += 1
         busy = self._apply_commands()
         busy |= self._encode()
         busy |= self._forward()
         busy |= self._pick_tokens()
+        if busy:
+            self.stats["busy_seconds"] += time.perf_counter() - start
         return busy
 
     def _guard(self, live: LiveSession, fn, *args):
@@ -241,7 +247,7 @@ class Engine:
             session = Session(self.model, self.tokenizer, system_prompt=config.instructions,
                               settings=config.generation(), max_positions=config.max_positions, llm=llm)
             self.sessions[sid] = LiveSession(sid, config, emit, session, self.streamer_for, self.vad(), self.stats,
-                                             encoder_chunks=self.encoder_chunks_per_step)
+                                             encoder_step_ms=self.encoder_step_s * 1000.0)
         except Exception as exc:
             if llm is not None:
                 self.llm.close(llm)
@@ -328,13 +334,17 @@ class Engine:
         self._rotation = (self._rotation + 1) % max(len(lives), 1)
         groups: Dict[int, tuple] = {}
         taken = 0
+        now = time.perf_counter()
+        clocked = now >= self._encoder_due  # listening sessions step only on the clock; turn ends any time
         for live in lives[self._rotation:] + lives[:self._rotation]:
             if taken >= self.max_batch:
                 break
-            work = self._guard(live, live.encoder_work)
+            work = self._guard(live, live.encoder_work, clocked)
             if work is not None:
                 groups.setdefault(id(live.streamer), (live.streamer, []))[1].append((live, work))
                 taken += 1
+        if clocked and any(not work.final for _, members in groups.values() for _, work in members):
+            self._encoder_due = now + self.encoder_step_s
         stats = self.stats
         for streamer, members in groups.values():
             start = time.perf_counter()

@@ -106,14 +106,14 @@ class LiveSession:
     """Touched only by the engine thread."""
 
     def __init__(self, sid: str, config: SessionConfig, emit: Callable[[ev.EngineEvent], None], session: Session,
-                 streamer_for: Callable, vad, stats: dict, encoder_chunks: int = 1):
+                 streamer_for: Callable, vad, stats: dict, encoder_step_ms: float = 0.0):
         self.id = sid
         self.config = config
         self.emit = emit
         self.session = session
         self.streamer_for = streamer_for  # chunk_ms -> the engine's streamer (built at start-up)
         self.stats = stats
-        self.encoder_chunks = encoder_chunks  # while listening, audio goes to the encoder this many chunks at a time
+        self.encoder_step_ms = encoder_step_ms  # while listening, audio goes to the encoder in units this long
         self.detector = TurnDetector(config.turn_detection, vad=vad)
         self.phase = Phase.IDLE
         self.audio = np.zeros(0, dtype=np.float32)  # samples from `audio_start` on
@@ -252,8 +252,10 @@ class LiveSession:
         self.emit(ev.ClearedEvent())
 
     # -- the encoder: what this session needs, and what it got -------------------------
-    def encoder_work(self) -> Optional[EncoderWork]:
-        """This tick's audio for the encoder (and whether it ends the turn), or None."""
+    def encoder_work(self, clocked: bool = True) -> Optional[EncoderWork]:
+        """This tick's audio for the encoder (and whether it ends the turn), or None.
+        While the user talks, audio goes in whole units of the engine's encoder
+        step, and only on its clock (`clocked`); a turn's end goes at once."""
         if self.phase is Phase.SPECULATING:
             if self.detector.pending_silence_start == self.spec.silence:
                 return None  # the speculated end still stands
@@ -271,8 +273,11 @@ class LiveSession:
         upto = max(upto, turn.fed)
         speculative = self.phase is Phase.LISTENING and self._may_speculate(upto)
         final = self.phase is Phase.ENDING or speculative
-        if not final:  # whole units of chunks while the user talks
-            unit = int(round(self.streamer.chunk_ms * SR / 1000)) * self.encoder_chunks
+        if not final:
+            if not clocked:
+                return None
+            chunk = int(round(self.streamer.chunk_ms * SR / 1000))
+            unit = chunk * max(1, int(round(self.encoder_step_ms / self.streamer.chunk_ms)))
             upto = turn.fed + (upto - turn.fed) // unit * unit
             if upto == turn.fed:
                 return None
