@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-delay-ms", type=float, default=env("PREFILL_DELAY_MS", 1000.0),
                    help="longest a listening session's audio waits to ride along with an LLM forward that runs "
                         "anyway (decode steps, turn ends)")
+    p.add_argument("--quantize", choices=["none", "int8"], default=env("QUANTIZE", "none"),
+                   help="int8: dynamic int8 weights for every linear layer (CPU only; about 2.6x faster batched "
+                        "decoding on a CPU, results no longer bit-equal to fp32)")
     p.add_argument("--chunk-sizes-ms", default=env("CHUNK_SIZES_MS", "80,160,320,640,1280"),
                    help="chunk sizes a session may ask for (session.update chunk_ms), built at start-up")
     p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
@@ -134,10 +137,12 @@ def build_server(args):
     from agent.realtime.server import RealtimeServer, ServerConfig
     from agent.realtime.turns import TurnDetectionSettings
     from agent.ultravox import UltravoxInference
+    from agent.ultravox.quantize import quantize_model
 
     device, dtype = device_and_dtype(args)
     model_path = args.model or default_model()
     inference = UltravoxInference(model_path, device=device, data_type=dtype)
+    args.weights = quantize_model(inference.model, args.quantize)  # before any streamer copies the encoder
     encoder = inference.model.audio_tower
     chunk = args.chunk_ms // 80 if args.chunk_ms else None
     left = args.left_context_ms // 80 if args.left_context_ms else None
@@ -177,7 +182,8 @@ async def main_async(args) -> None:
     await server.start()
     print(f"nestvox listening on {server.url}  (health: http://{server.config.host}:{server.config.port}/healthz)")
     print(f"model: {server.model_name}  (encoder on {streamer.device}, {streamer.dtype})")
-    print(f"encoder: {streamer.describe()}", flush=True)
+    print(f"encoder: {streamer.describe()}")
+    print(f"weights: {args.weights}; LLM: {'one batched forward per tick' if args.llm_batching == 'on' else 'round-robin, a cache per session'}", flush=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))

@@ -94,3 +94,22 @@ def test_a_model_with_sliding_window_is_refused_with_the_alternative(model):
     config = type(model.config)(**{**model.config.to_dict(), "layer_types": ["sliding_attention"] * 2})
     with pytest.raises(ValueError, match="llm-batching off"):
         check_batchable(config)
+
+
+def test_chunked_prefill_under_a_token_budget(model):
+    """Long pieces run at most `wide_budget` tokens per flush; the rest stays queued,
+    and the result equals running them whole."""
+    batch = BatchedLLM(model, slots=3)
+    a, b = batch.open(), batch.open()
+    ref_a, ref_b = LLMState(model), LLMState(model)
+    ids_a, ids_b = list(range(3, 33)), list(range(50, 62))
+    for s, r, ids in ((a, ref_a, ids_a), (b, ref_b, ids_b)):
+        s.prefill_ids(ids)
+        r.prefill_ids(ids)
+    assert batch.flush([a, b], wide_budget=20) == 1  # a's first 20 tokens only
+    assert a.pending == 10 and b.pending == 12 and a._logits is None
+    assert batch.flush([b, a], wide_budget=20) == 2  # b whole (12), then 8 of a
+    assert a.pending == 2 and b.pending == 0
+    assert close(b.last_logits, ref_b.last_logits) < 1e-4
+    batch.flush([a])
+    assert a.pending == 0 and close(a.last_logits, ref_a.last_logits) < 1e-4

@@ -50,12 +50,16 @@ log = logging.getLogger("nestvox.engine")
 SR = 16000
 # Chunk sizes a session may ask for (session.update chunk_ms), besides the server's default.
 OFFERED_CHUNK_MS = (80, 160, 320, 640, 1280)
+# Long pre-fill pieces not on the way to a reply (a finished reply's canonical re-fill, a
+# new turn's template) run at most this many tokens per tick, so they never stall the
+# decode steps of the other sessions for long (chunked pre-fill).
+PREFILL_TOKENS_PER_TICK = 64
 _session_ids = itertools.count(1)
 
 
 def new_stats() -> dict:
     """Counters only: nothing here grows with the run's length."""
-    return {"ticks": 0, "errors": 0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
+    return {"ticks": 0, "errors": 0, "commands": 0, "command_lag_seconds": 0.0, "command_lag_max": 0.0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
             "busy_seconds": 0.0, "encoder_seconds": 0.0, "audio_seconds": 0.0, "vad_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
             "llm_decode_forwards": 0, "llm_decode_rows": 0, "llm_seconds": 0.0,
             "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
@@ -92,6 +96,7 @@ class Engine:
         self.encoder_step_s = float(encoder_step_ms) / 1000.0
         self._encoder_due = 0.0  # perf_counter of the next clocked step for listening sessions
         self.prefill_delay_s = float(prefill_delay_ms) / 1000.0
+        self.prefill_tokens_per_tick = PREFILL_TOKENS_PER_TICK
         self.llm = None  # BatchedLLM, built at start-up
         self.sessions: Dict[str, LiveSession] = {}
         self._commands: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -182,7 +187,7 @@ class Engine:
         return handle
 
     def submit(self, sid: str, what: str, payload=None) -> None:
-        self._commands.put((sid, what, payload))
+        self._commands.put((sid, what, payload, time.perf_counter()))
         self._wake.set()
 
     @property
@@ -267,10 +272,14 @@ class Engine:
         heard: Dict[str, list] = {}  # session -> audio received this tick, not yet through the VAD
         for _ in range(limit):
             try:
-                sid, what, payload = self._commands.get_nowait()
+                sid, what, payload, sent = self._commands.get_nowait()
             except queue.Empty:
                 break
             busy = True
+            lag = time.perf_counter() - sent  # how far behind its clients the engine runs
+            self.stats["commands"] += 1
+            self.stats["command_lag_seconds"] += lag
+            self.stats["command_lag_max"] = max(self.stats["command_lag_max"], lag)
             if what == "open":
                 self._open(sid, *payload)
                 continue
@@ -418,12 +427,16 @@ class Engine:
         due = [live for live in pending if live.llm_urgent or now - live.session.llm.pending_since >= self.prefill_delay_s]
         if not due:
             return False
-        lives = due + [live for live in pending if live not in due and live.session.llm.pending <= NARROW_ROW]
+        urgent = [live for live in due if live.llm_urgent]
+        lives = urgent + [live for live in due if not live.llm_urgent] + [
+            live for live in pending if live not in due and live.session.llm.pending <= NARROW_ROW]
+        # Long pieces beyond what is on the way to a reply are pre-filled a slice per tick.
+        budget = sum(live.session.llm.pending for live in urgent) + self.prefill_tokens_per_tick
         decoding = sum(1 for live in lives if live.id in self._decoding)
         forwards = self.llm.forwards
         start = time.perf_counter()
         try:
-            rows = self.llm.flush([live.session.llm for live in lives])
+            rows = self.llm.flush([live.session.llm for live in lives], wide_budget=budget)
         except Exception as exc:
             log.exception("batched LLM forward failed")
             self.stats["errors"] += 1

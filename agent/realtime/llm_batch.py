@@ -28,6 +28,7 @@ else is refused at construction with the alternative named.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -40,12 +41,32 @@ from agent.realtime.llm_state import ContextFull
 NARROW_ROW = 4
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Where one forward's tokens go in the cache, and which keys each layer reads.
+
+    write: the step's real tokens `key_states[:, :, ...]` at `(src_rows, src_cols)` go to
+    `(write_slot, write_pos)`. read: either whole slots (`read_slots`, or the view
+    `read_view` when they are consecutive) up to `kv_len`, batch row r reading slot r;
+    or, packed, the listed `(read_slot, read_pos)` keys as one sequence."""
+
+    src_rows: torch.Tensor
+    src_cols: torch.Tensor
+    write_slot: torch.Tensor
+    write_pos: torch.Tensor
+    kv_len: int
+    read_slots: Optional[torch.Tensor] = None
+    read_view: Optional[slice] = None
+    read_slot: Optional[torch.Tensor] = None
+    read_pos: Optional[torch.Tensor] = None
+
+
 class SlotKVCache(Cache):
-    """K/V storage of all slots; `bind` says which slots and positions the next forward touches.
+    """K/V storage of all slots; `plan` says what the next forward writes and reads.
 
     The attention layers call `update(k, v, layer)` with the step's new keys
-    `[B, kv_heads, n, head_dim]`: they are written at each row's positions in its
-    slot, and the slots' keys up to the longest row's end are returned.
+    `[B, kv_heads, n, head_dim]`: they are written at each token's position in its
+    slot, and the keys the plan names are returned.
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
@@ -57,26 +78,23 @@ class SlotKVCache(Cache):
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
-        self._bound = None
-
-    def bind(self, slots: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, positions: torch.Tensor,
-             kv_len: int, contiguous: Optional[slice]) -> None:
-        """The next forward: batch row r is slot `slots[r]`; its real tokens are
-        `(rows, cols)` of the step, written at `positions`."""
-        self._bound = (slots, rows, cols, positions, kv_len, contiguous)
+        self.plan: Optional[ForwardPlan] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        slots, rows, cols, positions, kv_len, contiguous = self._bound
+        plan = self.plan
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        target = slots[rows]
-        keys[target, :, positions] = key_states.transpose(1, 2)[rows, cols]
-        values[target, :, positions] = value_states.transpose(1, 2)[rows, cols]
-        if contiguous is not None:  # the rows are consecutive slots: a view, no copy
-            return keys[contiguous, :, :kv_len], values[contiguous, :, :kv_len]
-        return keys[slots, :, :kv_len], values[slots, :, :kv_len]
+        keys[plan.write_slot, :, plan.write_pos] = key_states.transpose(1, 2)[plan.src_rows, plan.src_cols]
+        values[plan.write_slot, :, plan.write_pos] = value_states.transpose(1, 2)[plan.src_rows, plan.src_cols]
+        if plan.read_view is not None:  # consecutive slots: a view, no copy
+            return keys[plan.read_view, :, :plan.kv_len], values[plan.read_view, :, :plan.kv_len]
+        if plan.read_slots is not None:
+            return keys[plan.read_slots, :, :plan.kv_len], values[plan.read_slots, :, :plan.kv_len]
+        # packed: [J, kv_heads, head_dim] -> [1, kv_heads, J, head_dim]
+        return (keys[plan.read_slot, :, plan.read_pos].transpose(0, 1).unsqueeze(0),
+                values[plan.read_slot, :, plan.read_pos].transpose(0, 1).unsqueeze(0))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self._bound is None else self._bound[4]
+        return 0 if self.plan is None else self.plan.kv_len
 
 
 def check_batchable(config) -> None:
@@ -138,69 +156,104 @@ class BatchedLLM:
 
     # -- the batched forward -----------------------------------------------------
     @torch.no_grad()
-    def flush(self, states: Sequence["SlotLLMState"]) -> int:
-        """Run every given state's queued work (pre-fill pieces, decode tokens) in one
-        forward; returns the rows run. Rows are padded to the longest, so long
-        pieces (a turn's template, a reply's canonical re-fill) run in a second
-        forward of their own rather than padding every one-token row to their
-        length: at most two forwards, one in the steady state."""
+    def flush(self, states: Sequence["SlotLLMState"], wide_budget: Optional[int] = None) -> int:
+        """Run the given states' queued work (pre-fill pieces, decode tokens); returns
+        the rows run. Short rows (decode tokens, audio groups) run as a batch of rows
+        in one forward; long pieces (a turn's template, a reply's canonical re-fill)
+        run packed end to end in one sequence of their own, so no row is padded to
+        another's length: at most two forwards, one in the steady state.
+        `wide_budget`: the most long-piece tokens this call runs (chunked pre-fill,
+        in the order given: the rest stays queued for the next call), so a burst of
+        long pieces cannot stall everyone's next token for seconds."""
         todo = [s for s in states if s.slot is not None and s._pending]
         narrow = [s for s in todo if s._pending_len <= NARROW_ROW]
         wide = [s for s in todo if s._pending_len > NARROW_ROW]
-        for group in (narrow, wide):
-            if group:
-                self._run(group)
-        return len(todo)
+        if narrow:
+            self._run(narrow, [s._pending_len for s in narrow], self._forward_rows)
+        takes, left = [], wide_budget
+        for s in wide:
+            take = s._pending_len if left is None else min(s._pending_len, left)
+            if take <= 0:
+                break
+            takes.append(take)
+            left = None if left is None else left - take
+        if takes:
+            self._run(wide[:len(takes)], takes, self._forward_packed)
+        return len(narrow) + len(takes)
 
-    def _run(self, todo: List["SlotLLMState"]) -> None:
-        pieces = [torch.cat(s._pending) if len(s._pending) > 1 else s._pending[0] for s in todo]
+    def _run(self, todo: List["SlotLLMState"], takes: List[int], forward) -> None:
+        pieces = [s._take(n) for s, n in zip(todo, takes)]
         try:
-            logits = self._forward([s.slot for s in todo], [s._committed for s in todo], pieces)
+            logits = forward([s.slot for s in todo], [s._committed for s in todo], pieces)
         except BaseException:
             for s in todo:  # nothing was committed; the queued work is lost with the failed call
-                s._pending.clear()
-                s._pending_len = 0
-                s.pending_since = None
+                s._drop_pending()
             raise
         for s, piece, row in zip(todo, pieces, logits):
             s._committed += piece.shape[0]
-            s._pending.clear()
-            s._pending_len = 0
-            s.pending_since = None
-            s._logits = row
+            s._consume(piece.shape[0])
+            s._logits = row if not s._pending else None  # a piece cut short: its logits are not the last
         self.forwards += 1
         self.max_rows = max(self.max_rows, len(todo))
 
-    def _forward(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
-        device = self.device
+    # Index tensors are built on the host and sent once: nothing in a forward waits for the device.
+    def _send(self, *tensors):
+        return [t.to(device=self.device, non_blocking=True) for t in tensors]
+
+    def _run_decoder(self, x, mask, position_ids, plan: ForwardPlan, last) -> torch.Tensor:
+        mask, position_ids, last = self._send(mask, position_ids, last)
+        self.cache.plan = plan
+        try:
+            hidden = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, cache=self.cache,
+                                  use_cache=True).last_hidden_state
+        finally:
+            self.cache.plan = None
+        return self.head(hidden.flatten(0, 1)[last]).float()  # each row's last real token
+
+    def _forward_rows(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
+        """Batch row r = slot r's piece, right-padded; each row attends to its own slot."""
         lengths = [p.shape[0] for p in pieces]
         batch, width = len(pieces), max(lengths)
         x = pieces[0].new_zeros(batch, width, pieces[0].shape[-1])
         for r, p in enumerate(pieces):
             x[r, : p.shape[0]] = p
-        # Index tensors are built on the host and sent once: nothing here waits for the device.
-        rows = [r for r, n in enumerate(lengths) for _ in range(n)]
-        cols = [c for n in lengths for c in range(n)]
-        cpu = dict(dtype=torch.long)
-        position_ids = (torch.tensor(starts, **cpu)[:, None] + torch.arange(width)[None, :])  # pad columns: harmless
+        position_ids = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]  # pad columns: never written
         kv_len = max(s + n for s, n in zip(starts, lengths))
         allowed = torch.arange(kv_len)[None, None, :] <= position_ids[:, :, None]  # causal within the row's own slot
-        mask = torch.zeros(batch, 1, width, kv_len, dtype=self.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-        rows_t, cols_t = torch.tensor(rows, **cpu), torch.tensor(cols, **cpu)
-        write_pos = position_ids[rows_t, cols_t]
-        last = torch.tensor(lengths, **cpu) - 1
-        to = dict(device=device, non_blocking=True)
-        contiguous = slice(slots[0], slots[0] + batch) if slots == list(range(slots[0], slots[0] + batch)) else None
-        self.cache.bind(torch.tensor(slots, **cpu).to(**to), rows_t.to(**to), cols_t.to(**to), write_pos.to(**to),
-                        kv_len, contiguous)
-        try:
-            hidden = self.decoder(inputs_embeds=x, attention_mask=mask.to(**to), position_ids=position_ids.to(**to),
-                                  cache=self.cache, use_cache=True).last_hidden_state
-        finally:
-            self.cache.bind(None, None, None, None, 0, None)
-        last_hidden = hidden[torch.arange(batch, device=device), last.to(**to)]  # each row's last real token
-        return self.head(last_hidden).float()
+        mask = torch.zeros(batch, 1, width, kv_len, dtype=self.dtype).masked_fill_(
+            ~allowed[:, None], torch.finfo(self.dtype).min)
+        rows = torch.tensor([r for r, n in enumerate(lengths) for _ in range(n)])
+        cols = torch.tensor([c for n in lengths for c in range(n)])
+        consecutive = slots == list(range(slots[0], slots[0] + batch))
+        slot_t = torch.tensor(slots)
+        src_rows, src_cols, write_slot, write_pos, read_slots = self._send(
+            rows, cols, slot_t[rows], position_ids[rows, cols], slot_t)
+        plan = ForwardPlan(src_rows, src_cols, write_slot, write_pos, kv_len, read_slots=read_slots,
+                           read_view=slice(slots[0], slots[0] + batch) if consecutive else None)
+        last = torch.arange(batch) * width + torch.tensor(lengths) - 1
+        return self._run_decoder(x, mask, position_ids, plan, last)
+
+    def _forward_packed(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
+        """Every piece end to end in ONE sequence: each token attends to its own slot's
+        history and the tokens before it in its piece (no padding)."""
+        lengths = [p.shape[0] for p in pieces]
+        x = torch.cat(pieces).unsqueeze(0)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        owner = torch.cat([torch.full((n,), r) for r, n in enumerate(lengths)])  # the piece of each query token
+        kv_ends = [s + n for s, n in zip(starts, lengths)]
+        read_pos = torch.cat([torch.arange(e) for e in kv_ends])
+        read_owner = torch.cat([torch.full((e,), r) for r, e in enumerate(kv_ends)])
+        allowed = (owner[:, None] == read_owner[None, :]) & (read_pos[None, :] <= positions[:, None])
+        mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype).masked_fill_(
+            ~allowed[None, None], torch.finfo(self.dtype).min)
+        slot_t = torch.tensor(slots)
+        n = x.shape[1]
+        src_rows, src_cols, write_slot, write_pos, read_slot, read_pos_d = self._send(
+            torch.zeros(n, dtype=torch.long), torch.arange(n), slot_t[owner], positions, slot_t[read_owner], read_pos)
+        plan = ForwardPlan(src_rows, src_cols, write_slot, write_pos, kv_len=int(read_pos.numel()),
+                           read_slot=read_slot, read_pos=read_pos_d)
+        last = torch.tensor(lengths).cumsum(0) - 1
+        return self._run_decoder(x, mask, positions.unsqueeze(0), plan, last)
 
 
 class SlotLLMState:
@@ -279,6 +332,25 @@ class SlotLLMState:
         if self._pending:
             raise RuntimeError("cannot set the logits while pre-fill work is queued")
         self._logits = value
+
+    # -- the queue, as BatchedLLM runs it -------------------------------------------------
+    def _take(self, n: int) -> torch.Tensor:
+        """The first `n` queued positions, as one tensor (still queued until consumed)."""
+        whole = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = [whole]
+        return whole[:n]
+
+    def _consume(self, n: int) -> None:
+        rest = self._pending[0][n:]
+        self._pending = [rest] if rest.shape[0] else []
+        self._pending_len = rest.shape[0]
+        if not self._pending:
+            self.pending_since = None
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_len = 0
+        self.pending_since = None
 
     # -- queueing ------------------------------------------------------------------
     def prefill_embeds(self, embeds: torch.Tensor) -> None:
