@@ -416,20 +416,24 @@ class Engine:
         audio groups and template tokens of listening sessions (pre-fill). A forward
         reads every LLM weight whatever its rows, so listening sessions' audio does
         not call one by itself before it has waited `prefill_delay_s`: it rides
-        along with the next forward that runs anyway. Long pieces run in a second
-        forward (see BatchedLLM.flush) only when due."""
+        along with the next forward that runs anyway. Long pieces run packed in a
+        second forward (see BatchedLLM.flush), a slice of PREFILL_TOKENS_PER_TICK
+        per tick unless a reply waits for them."""
         if self.llm is None:  # round-robin: every call already ran on its own cache
             return False
         from agent.realtime.llm_batch import NARROW_ROW
 
         now = time.perf_counter()
         pending = [live for live in self.sessions.values() if live.session.llm.pending]
-        due = [live for live in pending if live.llm_urgent or now - live.session.llm.pending_since >= self.prefill_delay_s]
+        # Due now: work on the way to a reply; long pieces (they go a slice per tick,
+        # so start at once); short audio groups that have waited prefill_delay_s.
+        due = [live for live in pending if live.llm_urgent or live.session.llm.pending > NARROW_ROW
+               or now - live.session.llm.pending_since >= self.prefill_delay_s]
         if not due:
             return False
         urgent = [live for live in due if live.llm_urgent]
         lives = urgent + [live for live in due if not live.llm_urgent] + [
-            live for live in pending if live not in due and live.session.llm.pending <= NARROW_ROW]
+            live for live in pending if live not in due]  # short ones ride along
         # Long pieces beyond what is on the way to a reply are pre-filled a slice per tick.
         budget = sum(live.session.llm.pending for live in urgent) + self.prefill_tokens_per_tick
         decoding = sum(1 for live in lives if live.id in self._decoding)

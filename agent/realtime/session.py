@@ -318,11 +318,12 @@ class Session:
         ids = assistant_turn_ids(self.tokenizer, self.history, text, self.system_prompt)
         fed = emitted[:-1] if emitted else []  # every emitted token but the last went through the LLM
         fed = fed[: self.llm.positions - reply_start]
-        if ids.reply[: len(fed)] == fed:
-            todo = ids.reply[len(fed):] + ids.closing
-        else:  # the model spelled the reply unlike the tokenizer would: re-pre-fill it canonically
-            self.llm.truncate(reply_start)
-            todo = ids.reply + ids.closing
+        # Keep what the model spelled as the tokenizer would; from the first token where
+        # they differ, re-pre-fill the canonical spelling.
+        same = next((i for i, (a, b) in enumerate(zip(fed, ids.reply)) if a != b), min(len(fed), len(ids.reply)))
+        if same < len(fed):
+            self.llm.truncate(reply_start + same)
+        todo = ids.reply[same:] + ids.closing
         try:
             self.llm.prefill_ids(todo)
         except ContextFull:  # not even the reply fits: the next turn starts a fresh conversation

@@ -66,6 +66,15 @@ LLM_SHAPES = {
 }
 
 
+def non_text_ids(tokenizer, vocab_size: int):
+    """Ids a random LLM should not emit: beyond the tokenizer, or pieces that do not
+    come back as themselves (decode -> encode), except the special tokens."""
+    special = set(tokenizer.all_special_ids)
+    bad = [t for t in range(len(tokenizer)) if t not in special
+           and tokenizer(tokenizer.decode([t]), add_special_tokens=False)["input_ids"] != [t]]
+    return bad + list(range(len(tokenizer), vocab_size))
+
+
 def build_llama(tokenizer, size: str = "tiny", seed: int = 0, vocab_size: Optional[int] = None):
     """A randomly initialized LlamaForCausalLM sized for `tokenizer` (or `vocab_size`)."""
     import torch
@@ -91,12 +100,13 @@ def build_llama(tokenizer, size: str = "tiny", seed: int = 0, vocab_size: Option
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    if config.vocab_size > len(tokenizer):
-        # A realistic head size for benchmarks, but ids past the tokenizer's vocabulary
-        # would decode to no text at all: a zero row scores 0, below the best real token,
-        # so random replies stay readable text (the matmul costs the same).
-        with torch.no_grad():
-            model.lm_head.weight[len(tokenizer):] = 0
+    # A random head picks ids a trained model would not: past the tokenizer's vocabulary
+    # (the benchmark's 32k head), or lone byte pieces that decode to U+FFFD and come back
+    # from the tokenizer as three other ids, so every reply would be re-pre-filled whole.
+    # Zero rows score 0, below the best real token: random replies stay text that
+    # round-trips through the tokenizer, as a trained model's do (the matmul costs the same).
+    with torch.no_grad():
+        model.lm_head.weight[non_text_ids(tokenizer, config.vocab_size)] = 0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
