@@ -221,7 +221,11 @@ class Engine:
         start = time.perf_counter()
         self.stats["ticks"] += 1
         busy = self._apply_commands()
-        busy |= self._encode()
+        if self._encode():
+            busy = True
+            # An encoder call can take a while: take in the audio (and the turn ends) that
+            # arrived meanwhile before the LLM forward, so a reply can start in this tick.
+            self._apply_commands()
         busy |= self._forward()
         busy |= self._pick_tokens()
         if busy:
