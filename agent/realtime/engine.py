@@ -1,19 +1,22 @@
 """Engine: one compute thread that owns the models and every session's compute state.
 
-Each tick runs each stage once for all sessions:
+Each tick runs each stage once for all sessions, latency-critical work first:
 
-1. the commands sessions sent (audio -> turn detection, commit, cancel, ...);
-2. ONE batched encoder step per chunk size over every session with audio to
-   encode (turn ends flush in the same call); each session stacks and projects
-   its new frames and queues them for the LLM;
-3. ONE batched LLM forward (`BatchedLLM`) over every session's KV-cache slot:
-   the audio groups and template tokens queued this tick (pre-fill) and the
-   tokens the replying sessions picked in the last tick (decode) run together;
-   pieces longer than a few tokens run in a second forward of their own, so
-   they do not pad every other row;
+1. the commands sessions sent (audio -> turn detection batched over sessions,
+   commit, cancel, ...); replies whose logits are ready pick their next token;
+2. ONE batched encoder step per chunk size for the sessions whose turn ends
+   (their flush, or a speculative one during the VAD's silence);
+3. ONE batched LLM forward (`BatchedLLM`) over the sessions' KV-cache slots:
+   the tokens the replying sessions picked (decode), turn tails, and the audio
+   groups and template tokens of listening sessions (pre-fill, which waits up
+   to `prefill_delay_ms` to ride along with a forward that runs anyway); long
+   pieces run packed in a second forward, a slice per tick;
 4. every replying session picks its next token from its fresh logits (with its
-   own sampling settings) and queues it for the next tick's forward. A reply's
-   first token is picked in the very tick its turn's tail was pre-filled.
+   own sampling settings) and queues it for the next forward: a reply's first
+   token goes out in the tick its turn's tail was pre-filled;
+5. on the encoder's clock (`encoder_step_ms`), ONE batched encoder step for
+   every session still talking, the same whole number of chunks each; their
+   frames are stacked, projected in one call and queued for the LLM.
 
 With `llm_batching=False` every session keeps its own batch-1 cache and replies
 decode round-robin, one forward per session per token: the old behaviour, kept
@@ -221,13 +224,15 @@ class Engine:
         start = time.perf_counter()
         self.stats["ticks"] += 1
         busy = self._apply_commands()
-        if self._encode():
-            busy = True
-            # An encoder call can take a while: take in the audio (and the turn ends) that
-            # arrived meanwhile before the LLM forward, so a reply can start in this tick.
-            self._apply_commands()
+        busy |= self._pick_tokens()  # a reply confirmed just now has its first token ready
+        # Turn ends first: their flush, tail pre-fill and first token go out before the
+        # (longer) clocked step of the sessions still talking.
+        busy |= self._encode(listening=False)
         busy |= self._forward()
         busy |= self._pick_tokens()
+        if self._encode(listening=True):
+            busy = True
+            self._apply_commands()  # the audio that arrived during that call, before the next forward
         if busy:
             self.stats["busy_seconds"] += time.perf_counter() - start
         return busy
@@ -339,16 +344,20 @@ class Engine:
             session.set_instructions(config.instructions)
 
     # -- 2. the encoder -----------------------------------------------------------
-    def _encode(self) -> bool:
-        """One batched encoder step per chunk size over every session with audio to encode."""
+    def _encode(self, listening: bool) -> bool:
+        """One batched encoder step per chunk size: over the sessions whose turn ends
+        (`listening=False`), or, when the encoder clock is due, over every session
+        with audio to encode (`listening=True`)."""
+        now = time.perf_counter()
+        clocked = listening and now >= self._encoder_due  # listening sessions step only on the clock
+        if listening and not clocked:
+            return False
         lives = list(self.sessions.values())
         # Rotate where the scan starts, so a max_batch smaller than the sessions
         # with audio serves them in turn instead of starving the last ones.
         self._rotation = (self._rotation + 1) % max(len(lives), 1)
         groups: Dict[int, tuple] = {}
         taken = 0
-        now = time.perf_counter()
-        clocked = now >= self._encoder_due  # listening sessions step only on the clock; turn ends any time
         for live in lives[self._rotation:] + lives[:self._rotation]:
             if taken >= self.max_batch:
                 break
@@ -424,6 +433,7 @@ class Engine:
         second forward (see BatchedLLM.flush), a slice of PREFILL_TOKENS_PER_TICK
         per tick unless a reply waits for them."""
         if self.llm is None:  # round-robin: every call already ran on its own cache
+            self._decoding.clear()
             return False
         from agent.realtime.llm_batch import NARROW_ROW
 
@@ -459,13 +469,17 @@ class Engine:
         if decoding:
             stats["llm_decode_forwards"] += 1
             stats["llm_decode_rows"] += decoding
+        self._decoding.clear()
         return True
 
     def _pick_tokens(self) -> bool:
-        """Every replying session picks its next token from its logits (its own sampling
-        settings) and queues it for the next forward; new text goes out as it forms."""
-        self._decoding = set()
+        """Every replying session whose logits are ready picks its next token (its own
+        sampling settings) and queues it for the next forward; new text goes out as it
+        forms."""
+        picked = False
         for live in list(self.sessions.values()):
-            if live.replying and self._guard(live, live.advance_reply) and live.replying:
-                self._decoding.add(live.id)
-        return bool(self._decoding)
+            if live.replying and not live.session.llm.pending:
+                picked = True
+                if self._guard(live, live.advance_reply) and live.replying:
+                    self._decoding.add(live.id)
+        return picked
