@@ -463,13 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
     for noisy in ("nemo_logger", "nv_one_logger"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    run(args)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad arguments, data or a mismatched saved state
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":
