@@ -45,13 +45,15 @@ def resolve_device(device: str) -> torch.device:
     return resolve(device)
 
 
-def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str = "cpu", dtype: str = "float32"):
+def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str = "cpu", dtype: str = "float32",
+          quantize: str = "none"):
     """An in-memory Ultravox model with a streaming NEST tower and its inference wrapper,
     on `device` in `dtype` (the NEST front end, log-mel, stays float32 as NestEncoder keeps it)."""
     from agent.nest import NestEncoder
     from agent.nest.configs import nest_model_config
     from agent.ultravox import UltravoxConfig, UltravoxInference, UltravoxModel
     from agent.ultravox.inference import resolve_dtype
+    from agent.ultravox.quantize import quantize_model
     from agent.ultravox.text_models import build_llama, build_tokenizer
 
     dev = resolve_device(device)
@@ -64,7 +66,9 @@ def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str 
     config = UltravoxConfig(audio_config={"model_type": "nest", "layers": "all"}, text_config=language_model.config,
                             stack_factor=8, audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"))
     model = UltravoxModel(config, audio_tower=tower, language_model=language_model, dtype=torch_dtype).eval()
-    return UltravoxInference.from_model(model, tokenizer, device=str(dev)), tokenizer
+    inference = UltravoxInference.from_model(model, tokenizer, device=str(dev))
+    quantize_model(inference.model, quantize)
+    return inference, tokenizer
 
 
 def describe_device(model) -> str:
@@ -85,6 +89,8 @@ def add_model_arguments(p, nest: str = "large", llm: str = "bench") -> None:
                    help=f"{DEVICE_CHOICES} (env NESTVOX_DEVICE)")
     p.add_argument("--dtype", default=os.environ.get("NESTVOX_DTYPE", "float32"), choices=DTYPE_CHOICES,
                    help="model weights' dtype (env NESTVOX_DTYPE)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: dynamic int8 linear layers (CPU), as serve.py --quantize")
 
 
 def synchronize(inference) -> None:
@@ -177,7 +183,8 @@ def ttft(args) -> None:
     from agent.realtime.baseline import offline_first_token
 
     chunk = max(1, args.chunk_ms // 80)
-    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames, device=args.device, dtype=args.dtype)
+    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames, device=args.device, dtype=args.dtype,
+                         quantize=args.quantize)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
@@ -217,6 +224,59 @@ def ttft(args) -> None:
           "engine does, and is undone if speech resumes; offline: encode everything + pre-fill everything.")
 
 
+def decode(args) -> None:
+    """Aggregate decode speed with N sessions all replying: one batched forward per
+    token for all of them (BatchedLLM) against one forward per session (round-robin
+    on per-session caches, the old engine)."""
+    from agent.realtime.llm_batch import BatchedLLM
+    from agent.realtime.llm_state import LLMState
+
+    inference, _ = build("tiny", args.llm, 4, 64, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    lm = inference.model.language_model
+    counts = [int(n) for n in args.sessions.split(",")]
+    batch = BatchedLLM(lm, slots=max(counts))
+    history = list(range(3, 3 + args.positions))
+    print(f"LLM {args.llm} ({sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M params, {describe_device(inference.model)}, "
+          f"{args.quantize} weights), {torch.get_num_threads()} threads, {args.positions} positions of history, "
+          f"medians of {args.steps} steps", flush=True)
+
+    def median_step(run_step) -> float:
+        run_step()  # warm-up
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            run_step()
+            synchronize(inference)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rows = []
+    for n in counts:
+        slots = [batch.open() for _ in range(n)]
+        for slot in slots:
+            slot.prefill_ids(history)
+        batch.flush(slots)
+
+        def batched_step():
+            for slot in slots:
+                slot.queue_token(5)
+            batch.flush(slots)
+
+        one = LLMState(lm)
+        one.prefill_ids(history)
+        batched = median_step(batched_step)
+        single = median_step(lambda: one.decode_step(5))  # round-robin: n of these per token of every session
+        for slot in slots:
+            batch.close(slot)
+        rows.append((n, batched, single * n, n / batched, 1 / single))
+        print(f"  {n:>3} sessions: batched {1000 * batched:7.1f} ms/step, round-robin {1000 * single * n:7.1f} ms/round",
+              flush=True)
+    header = f"{'sessions':>8} | {'batched ms/step':>15} {'agg tok/s':>9} | {'round-robin ms/round':>20} {'agg tok/s':>9} | ratio"
+    print("\n" + header + "\n" + "-" * len(header))
+    for n, batched, rr, agg_b, agg_rr in rows:
+        print(f"{n:>8} | {1000 * batched:>15.1f} {agg_b:>9.1f} | {1000 * rr:>20.1f} {agg_rr:>9.1f} | {agg_b / agg_rr:5.2f}x")
+
+
 def main(argv=None) -> None:
     from agent import bench_load
 
@@ -225,6 +285,11 @@ def main(argv=None) -> None:
     p = sub.add_parser("ttft", help="end of speech -> first token, session vs offline")
     p.add_argument("--seconds", default="2,5,10,20")
     p.add_argument("--repeats", type=int, default=3)
+    add_model_arguments(p)
+    p = sub.add_parser("decode", help="aggregate decode tok/s, N replying sessions: batched vs round-robin")
+    p.add_argument("--sessions", default="1,4,8,16")
+    p.add_argument("--positions", type=int, default=100, help="history in each session's cache")
+    p.add_argument("--steps", type=int, default=10)
     add_model_arguments(p)
     p = sub.add_parser("load", help="N real-time streams on one engine: batched LLM vs round-robin",
                        description=bench_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,6 +305,8 @@ def main(argv=None) -> None:
         ttft(args)
     elif args.what == "load":
         bench_load.load(args)
+    elif args.what == "decode":
+        decode(args)
 
 
 if __name__ == "__main__":

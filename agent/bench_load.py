@@ -648,7 +648,7 @@ def load(args) -> dict:
         raise SystemExit("--duration must be > 0 seconds")
     chunk = max(1, args.chunk_ms // 80)
     inference, tokenizer = build(args.nest, args.llm, chunk, args.left_context_frames,
-                                 device=args.device, dtype=args.dtype)
+                                 device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", "none"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,

@@ -79,7 +79,7 @@ def test_two_streams_reply_with_consistent_figures(tiny, utterances):
 def test_cli_honours_streams_duration_device_and_json(tiny, tmp_path, monkeypatch):
     calls = []
 
-    def fake_build(nest, llm, chunk, left, device="cpu", dtype="float32"):
+    def fake_build(nest, llm, chunk, left, device="cpu", dtype="float32", quantize="none"):
         calls.append((nest, llm, chunk, left, device, dtype))
         return tiny[0], tiny[1]
 
@@ -139,3 +139,18 @@ def test_union_seconds_and_ratios():
             {"mode": "round-robin", "streams": 8, "agg_tok_s_decoding": 25.0},
             {"mode": "round-robin", "streams": 1, "agg_tok_s_decoding": 30.0}]
     assert bench_load.ratios(rows) == {1: None, 8: 4.0}
+
+
+def test_decode_benchmark_prints_both_paths_per_session_count(capsys):
+    from agent import bench
+
+    bench.main(["decode", "--llm", "tiny", "--sessions", "1,3", "--steps", "2", "--positions", "20"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("1 |", "3 |"))]
+    assert len(lines) == 2
+    for line in lines:
+        cells = [c.strip() for c in line.split("|")]
+        batched_ms, batched_agg = (float(x) for x in cells[1].split())
+        rr_ms, rr_agg = (float(x) for x in cells[2].split())
+        assert batched_ms > 0 and rr_ms > 0 and batched_agg > 0 and rr_agg > 0
+        n = int(cells[0])
+        assert abs(batched_agg - n / (batched_ms / 1000)) / batched_agg < 0.02  # the table's own arithmetic
