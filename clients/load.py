@@ -102,6 +102,7 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
     with tempfile.TemporaryDirectory(prefix="nestvox-load-") as tmp:
         audio = read_audio(wav or synthesize_speech(text, tmp), 16000)
     audio_s = audio.size / 16000
+    engine_before = await asyncio.to_thread(engine_counters, url, token)
     t0 = time.monotonic()
     deadline = t0 + duration
     stagger = min(audio_s, 2.0) / callers
@@ -187,6 +188,7 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
             errors.append({"caller": i, "code": "client_exception", "message": f"{type(exc).__name__}: {exc}"})
             callers_out[i]["failed"] = callers_out[i].get("failed", 0) + 1
     elapsed = time.monotonic() - t0
+    engine_after = await asyncio.to_thread(engine_counters, url, token)
 
     for me in callers_out:
         me.pop("in_turn", None)
@@ -220,7 +222,38 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
         # decode speed each caller saw: (output tokens - 1) / (first token -> last token)
         "reply_tok_s": {"n": len(speeds), **{f"p{q}": percentile(speeds, q) for q in (10, 50, 90)},
                         "min": round(min(speeds), 2) if speeds else None},
+        "engine": engine_split(engine_before, engine_after, elapsed),
     }
+
+
+def engine_counters(url: str, token: Optional[str]) -> Optional[dict]:
+    """The server's engine counters from GET /healthz (None if it does not report them)."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    request = urllib.request.Request(f"{scheme}://{parts.netloc}/healthz")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read()).get("engine")
+    except Exception:
+        return None
+
+
+def engine_split(before: Optional[dict], after: Optional[dict], elapsed: float) -> Optional[dict]:
+    """Where the engine thread's time went during the run: the stage that limits it."""
+    if not before or not after or elapsed <= 0:
+        return None
+    d = {k: after[k] - before[k] for k in after if k in before}
+    share = {f"{k}_pct": round(100 * d[f"{k}_seconds"] / elapsed, 1) for k in ("busy", "encoder", "llm", "vad")}
+    return {**share,
+            "encoder_rtf": round(d["encoder_seconds"] / d["audio_seconds"], 3) if d["audio_seconds"] else None,
+            "llm_rows_per_forward": round(d["llm_rows"] / d["llm_forwards"], 1) if d["llm_forwards"] else None,
+            "command_lag_ms": round(1000 * d["command_lag_seconds"] / d["commands"], 1) if d["commands"] else None,
+            "speculation_hits": d["speculation_hits"]}
 
 
 def reply_speed(result) -> Optional[float]:
@@ -255,6 +288,12 @@ def format_report(report: dict) -> str:
     lat += "\n" + format_table(("reply speed (tok/s)", "n", "min", "p10", "p50", "p90"),
                                [("per reply", speed["n"], speed["min"], speed["p10"], speed["p50"], speed["p90"])])
     lines = [head, "", lat]
+    e = report.get("engine")
+    if e:
+        lines.append(f"engine thread: busy {e['busy_pct']}% (encoder {e['encoder_pct']}%, LLM {e['llm_pct']}%, "
+                     f"VAD {e['vad_pct']}%), encoder RTF {e['encoder_rtf']}, LLM rows/forward "
+                     f"{e['llm_rows_per_forward']}, audio waited {e['command_lag_ms']} ms for the engine, "
+                     f"speculation hits {e['speculation_hits']}")
     for kind, items in (("refused", report["refusals"]), ("error", report["error_list"])):
         for item in items:
             lines.append(f"{kind}: caller {item['caller']}: {item['code']}: {item['message']}")

@@ -291,6 +291,9 @@ async def test_load_refuses_third_caller(small_server, speech_wav):
     client = report["latency_ms"]["client speech end -> 1st delta"]
     assert client["p50"] >= report["silence_ms"] * 0.9  # it includes the VAD silence window
     assert report["elapsed_s"] <= 6 + 1.0
+    engine = report["engine"]  # the server's own time split over the run, from /healthz
+    assert 0 < engine["busy_pct"] <= 100 and 0 < engine["encoder_pct"] <= engine["busy_pct"]
+    assert engine["llm_pct"] > 0 and engine["encoder_rtf"] > 0
     speed = report["reply_tok_s"]  # every multi-token reply has a decode speed
     assert 1 <= speed["n"] <= report["turns"]["completed"] and 0 < speed["min"] <= speed["p50"] <= speed["p90"]
 

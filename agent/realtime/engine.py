@@ -193,6 +193,14 @@ class Engine:
         self._commands.put((sid, what, payload, time.perf_counter()))
         self._wake.set()
 
+    def time_split(self) -> dict:
+        """Where the engine thread's time went so far (seconds, counters): the counters
+        a load test differences to say which stage is the limit."""
+        keys = ("busy_seconds", "encoder_seconds", "audio_seconds", "llm_seconds", "vad_seconds",
+                "encoder_calls", "llm_forwards", "llm_rows", "llm_decode_rows", "commands", "command_lag_seconds",
+                "speculations", "speculation_hits")
+        return {k: round(self.stats[k], 4) if isinstance(self.stats[k], float) else self.stats[k] for k in keys}
+
     @property
     def active_sessions(self) -> int:
         return len(self.sessions)

@@ -206,7 +206,7 @@ class RealtimeServer:
         url = urlsplit(request.path)
         if url.path == "/healthz":
             body = json.dumps({"status": "ok", "sessions": self.connections, "model": self.model_name,
-                               "uptime_s": round(time.time() - self.started, 1)})
+                               "uptime_s": round(time.time() - self.started, 1), "engine": self.engine.time_split()})
             return connection.respond(HTTPStatus.OK, body + "\n")
         if url.path == "/metrics":
             self.metrics.set("nestvox_sessions_active", self.connections)
