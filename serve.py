@@ -129,8 +129,8 @@ def streaming_refusal_or_warning(model_path: str, encoder, approximate: bool) ->
 
 
 def build_server(args):
-    import torch
-
+    # No global torch.set_grad_enabled here: grad mode is per thread, and the engine's
+    # compute thread turns it off for itself.
     from agent.nest.streaming import StreamingNestEncoder
     from agent.realtime.config import SessionConfig
     from agent.realtime.engine import Engine
@@ -154,7 +154,6 @@ def build_server(args):
         warnings.simplefilter("ignore" if approximate else "default")  # approximate: warned once above
         streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left,
                                         approximate=approximate)
-    torch.set_grad_enabled(False)
     offered = [int(ms) for ms in str(args.chunk_sizes_ms).split(",") if ms.strip()]
     if approximate:  # the engine builds its other chunk sizes exact-only (no approximate=True)
         offered = [int(streamer.chunk_ms)]
