@@ -155,8 +155,6 @@ def build_server(args):
         streamer = StreamingNestEncoder(encoder, chunk_frames=chunk, left_context_frames=left,
                                         approximate=approximate)
     offered = [int(ms) for ms in str(args.chunk_sizes_ms).split(",") if ms.strip()]
-    if approximate:  # the engine builds its other chunk sizes exact-only (no approximate=True)
-        offered = [int(streamer.chunk_ms)]
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
                     offered_chunk_ms=offered, encoder_step_ms=args.encoder_step_ms,
