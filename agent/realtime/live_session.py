@@ -293,13 +293,16 @@ class LiveSession:
             self.detector.samples - silence >= SPECULATE_AFTER_MS * SR // 1000
 
     def encoder_done(self, work: EncoderWork, state, frames: torch.Tensor) -> None:
+        """The encoder's last frames of a turn (`work.final`): its end, or a speculative
+        one. (Frames of a turn still being spoken the engine stacks and projects for
+        all sessions at once.)"""
+        if not work.final:
+            raise ValueError("encoder_done takes a turn's final frames")
         before, self.encoder_state = self.encoder_state, state
         if work.speculative:
             self._speculate(work, before, frames)
-        elif work.final:
-            self.finish_turn(frames)
         else:
-            self.session.accept_frames(frames)
+            self.finish_turn(frames)
 
     def encoder_failed(self, exc: Exception) -> None:
         """The batched encoder call failed: drop this turn rather than fail every tick from now on."""
