@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 
+log = logging.getLogger("nestvox.serve")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL = os.path.join(HERE, "agent", "assets", "demo_model")
 FALLBACK_MODEL = os.path.join(HERE, ".cache", "random-tiny-streaming")
@@ -142,7 +143,9 @@ def build_server(args):
     device, dtype = device_and_dtype(args)
     model_path = args.model or default_model()
     inference = UltravoxInference(model_path, device=device, data_type=dtype)
-    args.weights = quantize_model(inference.model, args.quantize)  # before any streamer copies the encoder
+    weights = quantize_model(inference.model, args.quantize)  # before any streamer copies the encoder
+    llm = "one batched forward per tick" if args.llm_batching == "on" else "round-robin, a cache per session"
+    log.info("weights: %s; LLM: %s", weights, llm)
     encoder = inference.model.audio_tower
     chunk = args.chunk_ms // 80 if args.chunk_ms else None
     left = args.left_context_ms // 80 if args.left_context_ms else None
@@ -179,8 +182,7 @@ async def main_async(args) -> None:
     await server.start()
     print(f"nestvox listening on {server.url}  (health: http://{server.config.host}:{server.config.port}/healthz)")
     print(f"model: {server.model_name}  (encoder on {streamer.device}, {streamer.dtype})")
-    print(f"encoder: {streamer.describe()}")
-    print(f"weights: {args.weights}; LLM: {'one batched forward per tick' if args.llm_batching == 'on' else 'round-robin, a cache per session'}", flush=True)
+    print(f"encoder: {streamer.describe()}", flush=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))

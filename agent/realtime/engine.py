@@ -46,6 +46,7 @@ from agent.realtime import events as ev
 from agent.realtime.config import SessionConfig
 from agent.realtime.handle import SessionHandle
 from agent.realtime.live_session import LiveSession
+from agent.realtime.llm_batch import NARROW_ROW, BatchedLLM
 from agent.realtime.session import Session, project_groups
 from agent.realtime.turns import TurnDetector
 
@@ -170,8 +171,6 @@ class Engine:
         self.vad()
         self._build_streamers()
         if self.llm_batching and self.llm is None:
-            from agent.realtime.llm_batch import BatchedLLM
-
             self.llm = BatchedLLM(self.model.language_model, slots=self.max_sessions,
                                   max_positions=self.max_positions)
 
@@ -443,8 +442,6 @@ class Engine:
         if self.llm is None:  # round-robin: every call already ran on its own cache
             self._decoding.clear()
             return False
-        from agent.realtime.llm_batch import NARROW_ROW
-
         now = time.perf_counter()
         pending = [live for live in self.sessions.values() if live.session.llm.pending]
         # Due now: work on the way to a reply; long pieces (they go a slice per tick,
