@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-delay-ms", type=float, default=env("PREFILL_DELAY_MS", 1000.0),
                    help="longest a listening session's audio waits to ride along with an LLM forward that runs "
                         "anyway (decode steps, turn ends)")
+    p.add_argument("--max-positions", type=int, default=env("MAX_POSITIONS", 0),
+                   help="each session's LLM context budget in positions (default: the model's, at most 4096; "
+                        "the KV cache of every session slot is allocated at start-up)")
     p.add_argument("--quantize", choices=["none", "int8"], default=env("QUANTIZE", "none"),
                    help="int8: dynamic int8 weights for every linear layer (CPU only; about 2.6x faster batched "
                         "decoding on a CPU, results no longer bit-equal to fp32)")
@@ -161,7 +164,7 @@ def build_server(args):
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
                     offered_chunk_ms=offered, encoder_step_ms=args.encoder_step_ms,
-                    prefill_delay_ms=args.prefill_delay_ms)
+                    prefill_delay_ms=args.prefill_delay_ms, max_positions=args.max_positions or None)
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,

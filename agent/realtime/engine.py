@@ -58,6 +58,9 @@ OFFERED_CHUNK_MS = (80, 160, 320, 640, 1280)
 # new turn's template) run at most this many tokens per tick, so they never stall the
 # decode steps of the other sessions for long (chunked pre-fill).
 PREFILL_TOKENS_PER_TICK = 64
+# Each session's context budget when none is given: the cache is preallocated for every slot,
+# and a model's own limit (128k positions for Llama 3) would not fit in memory times 16 slots.
+DEFAULT_SLOT_POSITIONS = 4096
 _session_ids = itertools.count(1)
 
 
@@ -76,7 +79,8 @@ class Engine:
                  prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01):
         """`streamer`: the default StreamingNestEncoder; one more is built at start-up
         for every chunk size in `offered_chunk_ms`. `max_sessions`: LLM cache slots.
-        `max_positions`: each slot's context budget (default: the model's).
+        `max_positions`: each slot's context budget (default: the model's, at most
+        DEFAULT_SLOT_POSITIONS; the K/V of every slot is allocated up front).
         `encoder_step_ms`: while users talk, the encoder runs on a clock of this
         period, taking from every listening session the same whole number of chunks
         (the chunks nearest this period), so concurrent sessions meet in ONE batched
@@ -171,8 +175,9 @@ class Engine:
         self.vad()
         self._build_streamers()
         if self.llm_batching and self.llm is None:
-            self.llm = BatchedLLM(self.model.language_model, slots=self.max_sessions,
-                                  max_positions=self.max_positions)
+            limit = getattr(self.model.language_model.config.get_text_config(), "max_position_embeddings", None)
+            positions = self.max_positions or min(limit or DEFAULT_SLOT_POSITIONS, DEFAULT_SLOT_POSITIONS)
+            self.llm = BatchedLLM(self.model.language_model, slots=self.max_sessions, max_positions=positions)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
