@@ -71,6 +71,21 @@ def build(nest: str, llm: str, chunk_frames: int, left_frames: int, device: str 
     return inference, tokenizer
 
 
+def build_streaming(args):
+    """The bench model of `args` (add_model_arguments) and its streamer at --chunk-ms."""
+    from agent.nest.streaming import StreamingNestEncoder
+
+    chunk = max(1, args.chunk_ms // 80)
+    inference, tokenizer = build(args.nest, args.llm, chunk, args.left_context_frames, device=args.device,
+                                 dtype=args.dtype, quantize=getattr(args, "quantize", "none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
+                                        left_context_frames=args.left_context_frames)
+    params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
+    return inference, tokenizer, streamer, params
+
+
 def describe_device(model) -> str:
     """Where the model's weights live, e.g. "cuda:0 (NVIDIA H200) bfloat16"."""
     param = next(model.language_model.parameters())
@@ -179,17 +194,10 @@ def floor_ttft(inference, streamer, chunk_samples: int) -> float:
 
 
 def ttft(args) -> None:
-    from agent.nest.streaming import StreamingNestEncoder
     from agent.realtime.baseline import offline_first_token
 
     chunk = max(1, args.chunk_ms // 80)
-    inference, _ = build(args.nest, args.llm, chunk, args.left_context_frames, device=args.device, dtype=args.dtype,
-                         quantize=args.quantize)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
-                                        left_context_frames=args.left_context_frames)
-    params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
+    inference, _, streamer, params = build_streaming(args)
     print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
           f"{describe_device(inference.model)}, {torch.get_num_threads()} threads, medians of {args.repeats}",
           flush=True)

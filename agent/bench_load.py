@@ -66,7 +66,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -634,8 +633,7 @@ def run_load(model, tokenizer, streamer, *, streams: Sequence[int], duration: fl
 
 def load(args) -> dict:
     """`python -m agent.bench load`."""
-    from agent.bench import build, describe_device
-    from agent.nest.streaming import StreamingNestEncoder
+    from agent.bench import build_streaming, describe_device
 
     streams = [int(s) for s in str(args.streams).split(",") if s.strip()]
     if not streams or min(streams) < 1:
@@ -646,14 +644,7 @@ def load(args) -> dict:
         raise SystemExit(f"--mode: choose from {','.join(MODES)}; got {bad}")
     if args.duration <= 0:
         raise SystemExit("--duration must be > 0 seconds")
-    chunk = max(1, args.chunk_ms // 80)
-    inference, tokenizer = build(args.nest, args.llm, chunk, args.left_context_frames,
-                                 device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", "none"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        streamer = StreamingNestEncoder(inference.model.audio_tower, chunk_frames=chunk,
-                                        left_context_frames=args.left_context_frames)
-    params = sum(p.numel() for p in inference.model.language_model.parameters()) / 1e6
+    inference, tokenizer, streamer, params = build_streaming(args)
     print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
           f"{describe_device(inference.model)}, {torch.get_num_threads()} threads; streams {streams}, "
           f"{args.duration:g} s each, modes {modes}, budget {args.budget_ms:g} ms + {args.silence_ms} ms VAD silence",
@@ -662,7 +653,7 @@ def load(args) -> dict:
                       budget_ms=args.budget_ms, silence_ms=args.silence_ms, max_batch=args.max_batch,
                       max_tokens=args.max_tokens, max_positions=args.max_positions, warm=not args.no_warm_up)
     report.update({"nest": args.nest, "llm": args.llm, "device": args.device, "dtype": args.dtype,
-                   "chunk_ms": chunk * 80, "threads": torch.get_num_threads()})
+                   "chunk_ms": int(round(streamer.chunk_ms)), "threads": torch.get_num_threads()})
     print("\n" + format_table(report["results"]))
     for n, ratio in report["ratios"].items():
         if ratio is not None:

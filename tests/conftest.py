@@ -104,6 +104,20 @@ def speech(speech_wav) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def two_phrases(tmp_path_factory):
+    """Two spoken phrases, each trimmed of espeak's padding silence (so a pause the
+    tests put between them is exactly theirs)."""
+    d = tmp_path_factory.mktemp("phrases")
+
+    def trimmed(text, name):
+        x, _ = read_wav(synthesize(text, str(d / name)))
+        loud = np.flatnonzero(np.abs(x) > 1e-3)
+        return x[loud[0]: loud[-1] + 1].astype(np.float32)
+
+    return trimmed("turn on the lights", "a.wav"), trimmed("in the kitchen please", "b.wav")
+
+
+@pytest.fixture(scope="session")
 def tiny_nest_path(tmp_path_factory) -> str:
     from agent.nest.random_model import build_random_nest
 

@@ -31,21 +31,6 @@ def engine(inference):
     eng.stop()
 
 
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    from conftest import read_wav, synthesize
-
-    d = tmp_path_factory.mktemp("batched")
-    a, _ = read_wav(synthesize("turn on the lights", str(d / "a.wav")))
-    b, _ = read_wav(synthesize("in the kitchen please", str(d / "b.wav")))
-
-    def trim(x):
-        loud = np.flatnonzero(np.abs(x) > 1e-3)
-        return x[loud[0]: loud[-1] + 1]
-
-    return trim(a).astype(np.float32), trim(b).astype(np.float32)
-
-
 async def until(handle, kind, timeout=120):
     seen = []
     while True:
@@ -69,10 +54,10 @@ async def manual_turn(handle, audio, packet=1280):
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
-async def test_concurrent_sessions_each_get_their_offline_reply(engine, inference, speech, n):
+async def test_concurrent_sessions_each_get_their_offline_reply(engine, inference, two_phrases, n):
     """n manual sessions at once: different audio lengths, reply lengths, and for every
     other one a first turn before, so their slots sit at different positions."""
-    a, b = speech
+    a, b = two_phrases
     before = dict(engine.stats)
 
     async def caller(i):
@@ -101,11 +86,11 @@ async def test_concurrent_sessions_each_get_their_offline_reply(engine, inferenc
         assert rows > forwards  # some decode forwards served several sessions at once
 
 
-async def test_barge_in_and_speculation_rollback_next_to_decoding_slots(engine, inference, speech):
+async def test_barge_in_and_speculation_rollback_next_to_decoding_slots(engine, inference, two_phrases):
     """While three sessions decode long replies, one session is interrupted mid-reply
     and another's pause triggers a speculative end of turn that is rolled back: all
     replies stay exact."""
-    a, b = speech
+    a, b = two_phrases
     before = dict(engine.stats)
     long_tokens = 300
     decoding = [asyncio.Event() for _ in range(3)]

@@ -27,18 +27,9 @@ def engine(inference):
 
 
 @pytest.fixture(scope="module")
-def utterance(tmp_path_factory):
+def utterance(two_phrases):
     """Speech, a 300 ms pause, more speech, then 1 s of silence."""
-    from conftest import read_wav, synthesize
-
-    d = tmp_path_factory.mktemp("speech")
-    a, _ = read_wav(synthesize("turn on the lights", str(d / "a.wav")))
-    b, _ = read_wav(synthesize("in the kitchen please", str(d / "b.wav")))
-    def trim(x):  # espeak pads its files with silence; the pause must be exactly ours
-        loud = np.flatnonzero(np.abs(x) > 1e-3)
-        return x[loud[0]: loud[-1] + 1]
-
-    a, b = trim(a), trim(b)
+    a, b = two_phrases
     gap = np.zeros(int(0.3 * SR), dtype=np.float32)
     return np.concatenate([a, gap, b, np.zeros(SR, dtype=np.float32)]).astype(np.float32)
 

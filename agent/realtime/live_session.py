@@ -142,14 +142,9 @@ class LiveSession:
         self.emit(ev.ErrorEvent(code, message))
 
     # -- audio and turns --------------------------------------------------------
-    def append(self, samples: np.ndarray) -> None:
-        """New audio: buffered, then turn detection on it (the engine batches the
-        detection of all sessions: `receive`, then `TurnDetector.feed_batch`, then
-        `on_turn_events`)."""
-        self.receive(samples)
-        self.on_turn_events(self.detector.feed(samples))
-
     def receive(self, samples: np.ndarray) -> None:
+        """New audio, buffered; its turn detection runs batched over sessions in the
+        engine (`TurnDetector.feed_batch`), which hands the verdict to `on_turn_events`."""
         self.audio = np.concatenate([self.audio, samples]) if self.audio.size else samples
         if self.manual and samples.size and self.phase in (Phase.IDLE, Phase.WAITING, Phase.REPLYING) \
                 and self.queued is None:
