@@ -205,12 +205,9 @@ class RealtimeServer:
     def process_request(self, connection, request):
         url = urlsplit(request.path)
         if url.path == "/healthz":
-            body = json.dumps({"status": "ok", "sessions": self.connections, "model": self.model_name,
-                               "uptime_s": round(time.time() - self.started, 1), "engine": self.engine.time_split()})
-            return connection.respond(HTTPStatus.OK, body + "\n")
+            return connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
         if url.path == "/metrics":
-            self.metrics.set("nestvox_sessions_active", self.connections)
-            response = connection.respond(HTTPStatus.OK, self.metrics.render())
+            response = connection.respond(HTTPStatus.OK, self.render_metrics())
             response.headers["Content-Type"] = "text/plain; version=0.0.4"
             return response
         if url.path == "/client":  # the browser client, same origin as the websocket
@@ -239,9 +236,31 @@ class RealtimeServer:
                                           "'Authorization: Bearer <token>' or ?token=<token>\n")
         return None
 
+    def health(self) -> dict:
+        """What /healthz answers (JSON)."""
+        return {"status": "ok", "sessions": self.connections, "max_sessions": self.config.max_sessions,
+                "model": self.model_name, "uptime_s": round(time.time() - self.started, 1),
+                "engine": self.engine.time_split()}
+
+    def render_metrics(self) -> str:
+        """What /metrics answers (Prometheus text format)."""
+        self.metrics.set("nestvox_sessions_active", self.connections)
+        return self.metrics.render()
+
+    @property
+    def has_room(self) -> bool:
+        return self.connections < self.config.max_sessions
+
     # -- websocket side ----------------------------------------------------------------
     async def handler(self, ws) -> None:
-        if self.connections >= self.config.max_sessions:
+        await self.serve_connection(ws, ws.request.path, ws.request.headers)
+
+    async def serve_connection(self, ws, path: str = "/v1/realtime", headers=None) -> None:
+        """One conversation on `ws` (any object with async `recv()`, `send(str)` and
+        `close(code, reason)`), until the client leaves: admission (`server_full`,
+        close 1013), the protocol dialect from `path`'s query and `headers`, the
+        session. The websockets handler and the Ray Serve ingress both come here."""
+        if not self.has_room:
             self.metrics.inc("nestvox_sessions_rejected_total", reason="full")
             await ws.send(json.dumps(ProtocolError(
                 "server_full", f"the server is at max_sessions={self.config.max_sessions}: try again later").event()))
