@@ -104,6 +104,8 @@ class _Library:
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_SetVoiceByProperties.argtypes = [ctypes.POINTER(_EspeakVoice)]
+        lib.espeak_SetVoiceByProperties.restype = ctypes.c_int
         lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
         lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_EspeakVoice))
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
@@ -131,6 +133,12 @@ class _Library:
         if voice == self.voice:
             return
         err = self.lib.espeak_SetVoiceByName(voice.encode())
+        if err != _EE_OK:
+            # As the CLI's -v does: a language code ("en-gb" lives in the file gmw/en) picks the
+            # best voice for that language.
+            spec = _EspeakVoice()
+            spec.languages = voice.encode()
+            err = self.lib.espeak_SetVoiceByProperties(ctypes.byref(spec))
         if err != _EE_OK:
             self.voice = None
             raise TTSError(f"espeak-ng voice {voice!r} not found ({_EE_ERRORS.get(err, err)}); "
@@ -167,7 +175,11 @@ class _Library:
         out: List[str] = []
         i = 0
         while arr and arr[i]:
-            langs = arr[i].contents.languages
+            v = arr[i].contents
+            langs = v.languages
+            if (v.identifier or b"").startswith(b"mb/"):
+                i += 1
+                continue  # mbrola voices need the mbrola program and its databases
             # `languages` is <priority byte><name>\0... ; the first name is what
             # SetVoiceByName takes (as `espeak-ng --voices` shows it).
             if langs and len(langs) > 1:
@@ -294,7 +306,7 @@ class EspeakEngine(TTSEngine):
         out: List[str] = []
         for line in p.stdout.splitlines()[1:]:
             cols = line.split()
-            if len(cols) >= 2 and cols[1] not in out:
+            if len(cols) >= 5 and not cols[4].startswith("mb/") and cols[1] not in out:
                 out.append(cols[1])
         return out
 

@@ -86,9 +86,13 @@ class TextSegmenter:
             i += 1
         self._scan = n
         if n > self.max_chars:
-            k = buf.rfind(" ", 0, n)
+            # Cut before the last word (it may still be growing).
+            m = len(buf.rstrip())
+            k = m - 1
+            while k > 0 and not buf[k].isspace():
+                k -= 1
             if k > 0 and buf[:k].strip():
-                return self._after_space(k) or None
+                return self._after_space(k)
         return None
 
     def _after_space(self, j: int):

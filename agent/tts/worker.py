@@ -116,7 +116,7 @@ class SpeechStream:
         if not delta:
             return
         with self._w._cv:
-            if self._state == _FINISHING:
+            if self._state in (_FINISHING, _DONE):
                 raise RuntimeError("push_text after finish()")
             if self._state != _OPEN:
                 return
