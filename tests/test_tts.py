@@ -413,3 +413,57 @@ def test_close_ends_unfinished_streams(engine):
     assert not w._thread.is_alive()
     with pytest.raises(TTSError, match="closed"):
         w.open_stream()
+
+
+def test_piper_with_a_made_voice(tmp_path):
+    """Runs where piper-tts is installed: the real piper code path on a tiny ONNX 'voice'
+    (a sine of 256 samples per phoneme id x length_scale), no download."""
+    pytest.importorskip("piper")
+    import json
+
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from piper.phoneme_ids import DEFAULT_PHONEME_ID_MAP
+
+    nodes = [
+        h.make_node("Cast", ["input_lengths"], ["lf"], to=T.FLOAT),
+        h.make_node("ReduceSum", ["lf"], ["n"], keepdims=0),
+        h.make_node("Gather", ["scales", "one"], ["ls"], axis=0),
+        h.make_node("Mul", ["n", "ls"], ["a"]),
+        h.make_node("Mul", ["a", "hop"], ["limit"]),
+        h.make_node("Range", ["zero", "limit", "onef"], ["r"]),
+        h.make_node("Mul", ["r", "freq"], ["ph"]),
+        h.make_node("Sin", ["ph"], ["s"]),
+        h.make_node("Reshape", ["s", "shape"], ["output"]),
+    ]
+    inits = [h.make_tensor("one", T.INT64, [], [1]), h.make_tensor("hop", T.FLOAT, [], [256.0]),
+             h.make_tensor("zero", T.FLOAT, [], [0.0]), h.make_tensor("onef", T.FLOAT, [], [1.0]),
+             h.make_tensor("freq", T.FLOAT, [], [0.1]), h.make_tensor("shape", T.INT64, [3], [1, 1, -1])]
+    graph = h.make_graph(nodes, "made", [
+        h.make_tensor_value_info("input", T.INT64, [1, None]),
+        h.make_tensor_value_info("input_lengths", T.INT64, [1]),
+        h.make_tensor_value_info("scales", T.FLOAT, [3])],
+        [h.make_tensor_value_info("output", T.FLOAT, [1, 1, None])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "made.onnx"
+    onnx.save(model, str(path))
+    (tmp_path / "made.onnx.json").write_text(json.dumps({
+        "num_symbols": 256, "num_speakers": 1, "audio": {"sample_rate": 16000},
+        "espeak": {"voice": "en-us"}, "phoneme_id_map": DEFAULT_PHONEME_ID_MAP}))
+    eng = build_tts("piper", model=str(path))
+    assert eng.sample_rate == 16000
+    a = eng.synthesize("Hello there, how are you?")
+    assert len(a) > 0 and len(a) % 256 == 0 and rms(a) > 0.5
+    assert len(eng.synthesize("Hello there, how are you?", speed=0.5)) == pytest.approx(2 * len(a), rel=0.01)
+    with pytest.raises(TTSError, match="no speaker 'bob'"):
+        eng.synthesize("Hi.", voice="bob")
+    with TTSWorker(eng) as w:
+        rec = Recorder()
+        s = w.open_stream(rate=24000, **rec.kw())
+        s.push_text("One, two. Three!")
+        s.finish()
+        assert rec.done.wait(10) and rec.error is None
+        assert "".join(rec.pieces) == "One, two. Three!"
+        assert len(rec.pcm()) / 24000 == pytest.approx(rec.stats.audio_s)
