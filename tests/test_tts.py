@@ -68,6 +68,10 @@ def test_espeak_unknown_voice_is_a_clear_error(mode):
     assert rms(eng.synthesize("Hello.")) > 0.02  # still works afterwards
     with pytest.raises(TTSError, match="not found"):
         EspeakEngine(voice="zzq-nope", mode="library")
+    with pytest.raises(TTSError, match="zzq-nope"):
+        eng.check_voice("zzq-nope")
+    eng.check_voice("en-gb")
+    eng.check_voice(None)
 
 
 def test_espeak_other_voice_and_empty_text(engine):
@@ -180,13 +184,19 @@ class Wrapped(TTSEngine):
 
     name = "wrapped"
 
-    def __init__(self, inner, delay=0.0, fail_on=None):
+    def __init__(self, inner, delay=0.0, fail_on=None, gate_after=None):
         self.inner, self.delay, self.fail_on = inner, delay, fail_on
         self.sample_rate = inner.sample_rate
         self.calls = []
+        # Calls from number `gate_after` on wait for `gate` (0 = every call): steps in order.
+        self.gate, self.gate_after = threading.Event(), gate_after
+        self.waiting = threading.Event()
 
     def synthesize(self, text, voice=None, speed=1.0):
         self.calls.append(text)
+        if self.gate_after is not None and len(self.calls) > self.gate_after:
+            self.waiting.set()
+            assert self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
         if self.fail_on and self.fail_on in text:
@@ -276,28 +286,23 @@ def test_output_rate_duration_matches_cli(engine, tmp_path):
 
 
 def test_cancel_stops_audio(engine):
-    slow = Wrapped(engine, delay=0.05)
-    with TTSWorker(slow, warmup=False) as w:
+    gated = Wrapped(engine, gate_after=1)  # the second piece waits for the gate
+    with TTSWorker(gated, warmup=False) as w:
         rec = Recorder()
-        first = threading.Event()
-        orig = rec.on_audio
-
-        def on_audio(pcm, piece, ms):
-            orig(pcm, piece, ms)
-            first.set()
-
-        s = w.open_stream(on_audio=on_audio, on_done=rec.on_done, on_error=rec.on_error)
+        s = w.open_stream(**rec.kw())
         s.push_text("One. Two. Three. Four. Five. Six. Seven. Eight. Nine. Ten. ")
         s.finish()
-        assert first.wait(10)
+        assert gated.waiting.wait(10)  # piece 1 delivered, piece 2 being synthesized
+        assert "".join(rec.pieces) == "One. " and rms(rec.pcm()) > 0.02
         s.cancel()
         n, t_cancel = len(rec.events), time.perf_counter()
-        time.sleep(0.4)
-        assert len(rec.events) == n  # nothing after cancel returned
+        gated.gate.set()
+        time.sleep(0.3)
+        assert len(rec.events) == n  # nothing after cancel returned: piece 2 dropped
         assert all(e[1] < t_cancel for e in rec.events)
         assert not rec.done.is_set() and rec.error is None
-        assert s.state == "cancelled" and s.stats().pieces < 10
-        assert len(slow.calls) < 10
+        assert s.state == "cancelled" and gated.calls == ["One. ", "Two. "]
+        assert s.stats().pieces_queued == 0
         s.push_text("ignored")  # no error after cancel
         # the worker goes on with other streams
         rec2 = Recorder()
@@ -305,6 +310,31 @@ def test_cancel_stops_audio(engine):
         s2.push_text("Still here.")
         s2.finish()
         assert rec2.done.wait(10) and rms(rec2.pcm()) > 0.02
+
+
+def test_cancel_waits_for_a_callback_in_flight(engine):
+    with TTSWorker(engine) as w:
+        in_cb, release, calls = threading.Event(), threading.Event(), []
+
+        def on_audio(pcm, piece, ms):
+            calls.append(piece)
+            in_cb.set()
+            release.wait(10)
+
+        s = w.open_stream(on_audio=on_audio)
+        s.push_text(REPLY)
+        s.finish()
+        assert in_cb.wait(10)
+        t = threading.Thread(target=s.cancel)
+        t.start()
+        t.join(0.2)
+        assert t.is_alive()  # cancel() has not returned while on_audio runs
+        release.set()
+        t.join(5)
+        assert not t.is_alive()
+        n = len(calls)
+        time.sleep(0.2)
+        assert len(calls) == n == 1
 
 
 def test_cancel_from_inside_a_callback(engine):
@@ -357,20 +387,22 @@ def test_callback_error_stops_its_stream(engine):
 
 
 def test_round_robin_first_audio(engine):
-    slow = Wrapped(engine, delay=0.03)
-    with TTSWorker(slow, warmup=False) as w:
+    gated = Wrapped(engine, gate_after=0)  # the worker holds a's first piece until b is queued
+    with TTSWorker(gated, warmup=False) as w:
         a, b = Recorder(), Recorder()
         sa = w.open_stream(**a.kw())
         sa.push_text("".join(f"Sentence number {i}. " for i in range(12)))
         sa.finish()
-        time.sleep(0.05)
+        assert gated.waiting.wait(10)
         sb = w.open_stream(**b.kw())
         sb.push_text("Quick answer.")
         sb.finish()
+        gated.gate.set()
         assert a.done.wait(20) and b.done.wait(20)
+        # a's first piece, then b's, then the rest of a: b did not wait for a's 12 pieces
+        assert gated.calls[:3] == ["Sentence number 0. ", "Quick answer.", "Sentence number 1. "]
         t_b = next(e[1] for e in b.events if e[0] == "audio")
-        pieces_a_before = sum(1 for e, p in zip(a.events, a.pieces) if e[1] < t_b and p)
-        assert pieces_a_before <= 3  # b did not wait for a's 12 pieces
+        assert sum(1 for e, p in zip(a.events, a.pieces) if e[1] < t_b and p) == 1
         assert "".join(a.pieces).count("Sentence") == 12
 
 

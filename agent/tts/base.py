@@ -42,6 +42,10 @@ class TTSEngine(abc.ABC):
         text with nothing to say). `voice=None` is the engine's default voice; `speed` 1.0 is
         the engine's normal rate (clamped to [SPEED_MIN, SPEED_MAX]). Raises `TTSError`."""
 
+    def check_voice(self, voice: Optional[str]) -> None:
+        """Raise `TTSError` if `voice` cannot be used (for a session.update error event, before
+        any reply). Default: accept; engines that can check cheaply override it."""
+
     def voices(self) -> List[str]:
         """Voice names this engine accepts (empty when unknown or costly to list)."""
         return []

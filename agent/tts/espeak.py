@@ -296,6 +296,15 @@ class EspeakEngine(TTSEngine):
             raise TTSError(f"espeak-ng wrote {sr} Hz, expected {self.sample_rate}")
         return pcm
 
+    def check_voice(self, voice: Optional[str]) -> None:
+        if not voice:
+            return
+        if self._lib is not None:
+            with _LIB_LOCK:
+                self._lib.set_voice(voice)  # a file load at most, then cached
+        else:
+            self._synth_process("a", voice, DEFAULT_RATE_WPM)
+
     def voices(self) -> List[str]:
         if self._lib is not None:
             with _LIB_LOCK:

@@ -85,5 +85,8 @@ class PiperEngine(TTSEngine):
             return np.zeros(0, np.float32)
         return np.concatenate(parts).reshape(-1)
 
+    def check_voice(self, voice: Optional[str]) -> None:
+        self._speaker_id(voice)
+
     def voices(self) -> List[str]:
         return sorted(self._speakers)

@@ -338,7 +338,11 @@ class TTSWorker:
                     stats = dataclasses.replace(s._stats)
                 s._call(s._on_done, stats)
                 continue
-            self._speak(s, piece)
+            try:
+                self._speak(s, piece)
+            except Exception as e:  # a bug here must not kill the thread every session shares
+                log.exception("TTS worker: stream %d failed", s.id)
+                s._fail(e)
             with self._cv:
                 if s._state in (_OPEN, _FINISHING) and (s._pending or s._state == _FINISHING) \
                         and not s._in_ready:
