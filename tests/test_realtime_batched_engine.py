@@ -9,7 +9,9 @@ import pytest
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
 from agent.realtime.turns import TurnDetectionSettings
-from agent.realtime.wire import to_wire
+from agent.realtime.wire import BetaEvents
+
+to_wire = BetaEvents().to_wire  # the engine tests read the (stateless) beta shape
 
 SR = 16000
 SYSTEM = "Answer briefly."

@@ -6,7 +6,9 @@ import pytest
 
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
-from agent.realtime.wire import to_wire
+from agent.realtime.wire import BetaEvents
+
+to_wire = BetaEvents().to_wire  # the engine tests read the (stateless) beta shape
 from agent.realtime.turns import TurnDetectionSettings
 
 SR = 16000

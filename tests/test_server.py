@@ -1,4 +1,5 @@
-"""The websocket server on loopback, driven by a real websocket client."""
+"""The websocket server on loopback, driven by a real websocket client (GA dialect;
+the beta dialect and the official openai SDK: tests/test_protocol_dialects.py)."""
 import asyncio
 import base64
 import json
@@ -61,6 +62,21 @@ async def server(inference):
     await srv.stop()
 
 
+def update(**session) -> str:
+    return json.dumps({"type": "session.update", "session": {"type": "realtime", **session}})
+
+
+RATE16 = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": SR}}}}
+
+
+async def opened(ws, rate=SR) -> dict:
+    """session.created, then the input rate set to `rate` (GA's default is 24 kHz); session.updated."""
+    created = json.loads(await ws.recv())
+    assert created["type"] == "session.created"
+    await ws.send(update(audio={"input": {"format": {"type": "audio/pcm", "rate": rate}}}))
+    return (await recv_until(ws, "session.updated"))[-1]
+
+
 async def recv_until(ws, kind, timeout=60):
     events = []
     while True:
@@ -71,7 +87,7 @@ async def recv_until(ws, kind, timeout=60):
 
 
 def reply_text(events):
-    return "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
 
 
 def turn_audio(events, audio):
@@ -83,8 +99,7 @@ def turn_audio(events, audio):
 async def spoken_turn(url, audio, inference, binary=True, packet=640):
     """One server-VAD turn; returns (events, the offline reply for the turn's audio)."""
     async with connect(url) as ws:
-        created = json.loads(await ws.recv())
-        assert created["type"] == "session.created"
+        await opened(ws)
         data = pcm16(audio)
         for i in range(0, len(data), packet):
             piece = data[i:i + packet]
@@ -105,7 +120,10 @@ async def test_spoken_turn_gets_deltas_and_latencies(server, inference, speech):
     events, expected = await spoken_turn(server.url, with_silence(speech), inference)
     types = [e["type"] for e in events]
     for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                 "input_audio_buffer.committed", "response.created", "response.text.delta", "response.text.done"):
+                 "input_audio_buffer.committed", "conversation.item.added", "response.created",
+                 "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                 "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                 "conversation.item.done"):
         assert kind in types
     done = events[-1]["response"]
     assert done["status"] in ("completed", "incomplete")
@@ -127,10 +145,8 @@ async def test_other_sample_rates_are_resampled(server, speech, rate):
 
     audio = soxr.resample(with_silence(speech), SR, rate).astype(np.float32)
     async with connect(server.url) as ws:
-        await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": rate}}))
-        updated = (await recv_until(ws, "session.updated"))[-1]
-        assert updated["session"]["input_sample_rate"] == rate
+        updated = await opened(ws, rate)
+        assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": rate}
         data = pcm16(audio)
         for i in range(0, len(data), rate // 25 * 2):
             await ws.send(data[i:i + rate // 25 * 2])
@@ -144,10 +160,10 @@ async def test_other_sample_rates_are_resampled(server, speech, rate):
 
 async def test_manual_commit_mode(server, inference, speech):
     async with connect(server.url) as ws:
-        await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await opened(ws)
+        await ws.send(update(audio={"input": {"turn_detection": None}}))
         updated = (await recv_until(ws, "session.updated"))[-1]
-        assert updated["session"]["turn_detection"] is None
+        assert updated["session"]["audio"]["input"]["turn_detection"] is None
         await send_audio(ws, speech)
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         await ws.send(json.dumps({"type": "response.create"}))
@@ -159,23 +175,24 @@ async def test_manual_commit_mode(server, inference, speech):
 
 async def test_barge_in_over_the_wire(server, speech):
     async with connect(server.url) as ws:
-        await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": 3000}}))
+        await opened(ws)
+        await ws.send(update(max_output_tokens=3000))
         await recv_until(ws, "session.updated")
         await send_audio(ws, with_silence(speech))
-        await recv_until(ws, "response.text.delta")
+        await recv_until(ws, "response.output_text.delta")
         # the running reply keeps its settings; the next one will be short
-        await ws.send(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": 10}}))
+        await ws.send(update(max_output_tokens=10))
         await send_audio(ws, with_silence(speech))  # the user talks over the reply
         events = await recv_until(ws, "response.done")
         assert events[-1]["response"]["status"] == "cancelled"
+        assert events[-1]["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
         events = await recv_until(ws, "response.done")  # the new turn gets its own reply
         assert "input_audio_buffer.committed" in [e["type"] for e in events]
 
 
 async def test_second_turn_reuses_the_conversation(server, inference, speech):
     async with connect(server.url) as ws:
-        await ws.recv()
+        await opened(ws)
         await send_audio(ws, with_silence(speech))
         first = await recv_until(ws, "response.done")
         second_audio = speech[::-1].copy()
@@ -189,7 +206,17 @@ async def test_second_turn_reuses_the_conversation(server, inference, speech):
                 {"role": "user", "content": "<|audio|>"}]
     expected = inference.generate(messages, audio=[a1, a2], system_prompt=SYSTEM, max_new_tokens=10)
     assert reply_text(second) == expected
-    assert second[-1]["response"]["usage"]["input_positions"] > first[-1]["response"]["usage"]["input_positions"]
+    u1, u2 = first[-1]["response"]["usage"], second[-1]["response"]["usage"]
+    assert u2["input_tokens"] > u1["input_tokens"] + u1["output_tokens"]
+    # the second reply's context holds both turns' audio; the first turn and its reply were cached
+    assert u2["input_token_details"]["audio_tokens"] > u1["input_token_details"]["audio_tokens"] > 0
+    assert u1["input_token_details"]["cached_tokens"] == 0
+    assert u2["input_token_details"]["cached_tokens"] >= u1["input_tokens"] + u1["output_tokens"] - 1
+    assert u2["total_tokens"] == u2["input_tokens"] + u2["output_tokens"]
+    # the conversation's items chain: user, assistant, user, assistant
+    added = [e for e in first + second if e["type"] == "conversation.item.added"]
+    assert [e["item"]["role"] for e in added] == ["user", "assistant", "user", "assistant"]
+    assert [e["previous_item_id"] for e in added] == [None] + [e["item"]["id"] for e in added[:-1]]
 
 
 async def test_healthz_and_metrics(server, inference, speech):
@@ -205,7 +232,7 @@ async def test_healthz_and_metrics(server, inference, speech):
     assert 'nestvox_latency_ms_count{stage="speech_end_to_first_token"} 1' in metrics
     assert "nestvox_encoder_batch_size_bucket" in metrics
     page = (await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/client").read())).decode()
-    assert "/v1/realtime" in page and "getUserMedia" in page and "input_sample_rate" in page
+    assert "/v1/realtime" in page and "getUserMedia" in page
 
 
 # -- bad input: a clear error, and other sessions unaffected -------------------------------
@@ -217,10 +244,14 @@ BAD_INPUTS = [
     ('{"type": "conversation.delete"}', "unknown_event_type"),
     (b"\x01\x02\x03", "invalid_audio"),
     ('{"type": "input_audio_buffer.append", "audio": "***"}', "invalid_audio"),
-    ('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "invalid_session_config"),
-    ('{"type": "session.update", "session": {"chunk_ms": 100}}', "invalid_session_config"),
-    ('{"type": "session.update", "session": {"chunk_ms": 2560}}', "invalid_session_config"),  # not offered
-    ('{"type": "session.update", "session": {"temperature": -1}}', "invalid_session_config"),
+    (update(audio={"input": {"format": {"type": "audio/pcm", "rate": 12345}}}), "invalid_session_config"),
+    (update(nestvox={"chunk_ms": 100}), "invalid_session_config"),
+    (update(nestvox={"chunk_ms": 2560}), "invalid_session_config"),  # not offered
+    (update(nestvox={"temperature": -1}), "invalid_session_config"),
+    (update(chunk_ms=320), "invalid_session_config"),  # extensions go under "nestvox"
+    (update(audio={"input": {"transcription": {"model": "whisper-1"}}}), "invalid_session_config"),
+    ('{"type": "conversation.item.delete", "item_id": "item_404"}', "item_not_found"),
+    ('{"type": "conversation.item.create", "item": {"type": "message", "role": "user"}}', "invalid_event"),
     ('{"type": "response.cancel"}', "response_cancel_not_active"),
     ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty"),
     (b"\x00" * (64 * 1024 + 2), "message_too_large"),
@@ -235,9 +266,9 @@ async def test_bad_messages_get_errors_and_others_keep_working(server, inference
             await ws.send(message)
             event = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert event["type"] == "error" and event["error"]["code"] == code, (message, event)
-            assert event["error"]["message"]
+            assert event["error"]["message"] and event["event_id"]
         # still usable after all that
-        await ws.send(json.dumps({"type": "session.update", "session": {"temperature": 0.0}}))
+        await ws.send(update(nestvox={"temperature": 0.0}))
         assert (await recv_until(ws, "session.updated"))[-1]["type"] == "session.updated"
     events, expected = await bystander
     assert reply_text(events) == expected
@@ -251,7 +282,7 @@ async def test_audio_before_session_update_when_required(inference, speech):
             await send_audio(ws, speech[:3200])
             event = json.loads(await ws.recv())
             assert event["error"]["code"] == "session_update_required"
-            await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+            await ws.send(update(**RATE16))
             await recv_until(ws, "session.updated")
             await send_audio(ws, with_silence(speech))
             assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
@@ -279,6 +310,8 @@ async def test_token_and_origin_checks(inference, speech):
             assert json.loads(await ws.recv())["type"] == "session.created"
         async with connect(srv.url + "?token=s3cret") as ws:  # browsers: the query parameter
             assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(update(**RATE16))
+            await recv_until(ws, "session.updated")
             await send_audio(ws, with_silence(speech))
             assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
     finally:
@@ -289,7 +322,7 @@ async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(in
     srv = await start(inference, max_sessions=2)
     try:
         first = await connect(srv.url)
-        await first.recv()
+        await opened(first)
         await send_audio(first, speech[: len(speech) // 2])  # mid-turn ...
         second = await connect(srv.url)
         await second.recv()
@@ -315,7 +348,7 @@ async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(in
 
 async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, speech):
     rng = np.random.default_rng(0)
-    valid = [json.dumps({"type": "session.update", "session": {"temperature": 0.5}}),
+    valid = [update(nestvox={"temperature": 0.5}),
              json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 80).decode()}),
              json.dumps({"type": "input_audio_buffer.clear"}), json.dumps({"type": "response.cancel"})]
 
@@ -348,10 +381,10 @@ async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, s
                             await asyncio.wait_for(ws.recv(), 0.001)
                     except asyncio.TimeoutError:
                         pass
-            await ws.send(json.dumps({"type": "session.update", "session": {"temperature": 0}}))
+            await ws.send(update(nestvox={"temperature": 0}))
             while True:  # the fuzzed session itself still answers
                 event = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                if event["type"] == "session.updated" and event["session"]["temperature"] == 0:
+                if event["type"] == "session.updated" and event["session"]["nestvox"]["temperature"] == 0:
                     break
         return sent
 
@@ -370,7 +403,7 @@ async def test_max_turn_length_and_idle_timeout(inference, speech):
                       session=SessionConfig(instructions=SYSTEM, max_response_output_tokens=10, max_turn_seconds=1.0))
     try:
         async with connect(srv.url) as ws:
-            await ws.recv()
+            await opened(ws)
             await send_audio(ws, speech)  # ~2 s of speech, no pause: longer than the 1 s limit
             events = await recv_until(ws, "response.done")
             types = [e["type"] for e in events]

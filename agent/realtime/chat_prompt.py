@@ -214,3 +214,25 @@ def assistant_turn_ids(
             "a pre-filled header"
         )
     return AssistantTurnIds(reply=with_reply[len(prompt):], closing=closing)
+
+
+def continuation_ids(
+    tokenizer,
+    history: Sequence[Message],
+    new_messages: Sequence[Message],
+    system_prompt: Optional[str] = None,
+    add_generation_prompt: bool = True,
+    cached_generation_prompt: bool = False,
+) -> List[int]:
+    """The ids that follow the cached conversation `history` (rendered with the
+    generation header when `cached_generation_prompt`) to make `history +
+    new_messages` (with the header when `add_generation_prompt`): a typed user turn,
+    a system message before a reply, the generation header alone (no new messages)."""
+    cached_text = render(tokenizer, history, system_prompt, cached_generation_prompt) if history else ""
+    full_text = render(tokenizer, list(history) + list(new_messages), system_prompt, add_generation_prompt)
+    return _split_after_prefix(tokenizer, cached_text, full_text, "the new message(s)")[1]
+
+
+def generation_header_ids(tokenizer, history: Sequence[Message], system_prompt: Optional[str] = None) -> List[int]:
+    """The assistant generation header after `history` (ChatML: `<|im_start|>assistant\\n`)."""
+    return continuation_ids(tokenizer, history, [], system_prompt, add_generation_prompt=True)

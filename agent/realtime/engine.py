@@ -320,9 +320,13 @@ class Engine:
             elif what == "clear":
                 self._guard(live, live.clear)
             elif what == "response":
-                self._guard(live, live.request_reply)
+                self._guard(live, live.request_reply, payload)
             elif what == "cancel":
-                self._guard(live, live.cancel_reply)
+                self._guard(live, live.cancel_reply, payload)
+            elif what == "text":
+                self._guard(live, live.add_text, *payload)
+            elif what == "delete":
+                self._guard(live, live.delete_last, *payload)
             elif what == "update":
                 self._guard(live, self._update, live, payload)
         if heard:

@@ -2,7 +2,8 @@
 
 The engine knows nothing of the wire: `agent.realtime.wire` turns these into
 the protocol's JSON events. Sample positions are 16 kHz samples of the
-session's audio stream.
+session's audio stream. `ref` is an opaque tag the client side gave with the
+command that caused the event (the engine only echoes it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Dict, Optional, Union
 class ErrorEvent:
     code: str
     message: str
+    ref: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class SpeechStoppedEvent:
 
 @dataclass(frozen=True)
 class CommittedEvent:
-    """The user turn is complete and pre-filled."""
+    """The user's audio turn is complete and pre-filled."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,25 @@ class ClearedEvent:
 
 
 @dataclass(frozen=True)
+class UserTextAddedEvent:
+    """A typed user message is in the conversation (pre-filled)."""
+
+    text: str
+    ref: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ItemDeletedEvent:
+    """The conversation's most recent message left the history and the KV cache."""
+
+    role: str
+    ref: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class ResponseCreatedEvent:
     response_id: str
+    max_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,11 +72,14 @@ class ResponseDoneEvent:
     response_id: str
     text: str
     status: str  # completed / cancelled / incomplete
-    reason: Optional[str]
+    reason: Optional[str]  # turn_detected / client_cancelled / max_output_tokens / max_context
     output_tokens: int
-    input_positions: int
+    input_positions: int  # the context after the reply
     latency_ms: Dict[str, Optional[float]] = field(default_factory=dict)
+    input_tokens: int = 0  # the context the reply was decoded from
+    cached_tokens: int = 0  # of those, in the KV cache before this user turn began
+    audio_tokens: int = 0  # of those, audio embeddings
 
 
 EngineEvent = Union[ErrorEvent, SpeechStartedEvent, SpeechStoppedEvent, CommittedEvent, ClearedEvent,
-                    ResponseCreatedEvent, TextDeltaEvent, ResponseDoneEvent]
+                    UserTextAddedEvent, ItemDeletedEvent, ResponseCreatedEvent, TextDeltaEvent, ResponseDoneEvent]

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from agent.realtime.config import SessionConfig
+from agent.realtime.live_session import ReplyOptions
 
 
 class SessionHandle:
@@ -32,11 +33,21 @@ class SessionHandle:
     def clear(self) -> None:
         self.engine.submit(self.id, "clear")
 
-    def create_response(self) -> None:
-        self.engine.submit(self.id, "response")
+    def create_response(self, instructions: Optional[str] = None, max_output_tokens: Optional[int] = None,
+                        ref: Optional[str] = None) -> None:
+        """Answer the committed turn; `instructions` / `max_output_tokens` for this response only."""
+        self.engine.submit(self.id, "response", ReplyOptions(instructions, max_output_tokens, ref))
 
-    def cancel(self) -> None:
-        self.engine.submit(self.id, "cancel")
+    def cancel(self, ref: Optional[str] = None) -> None:
+        self.engine.submit(self.id, "cancel", ref)
+
+    def add_text(self, text: str, ref: Optional[str] = None) -> None:
+        """A typed user message (answered on create_response)."""
+        self.engine.submit(self.id, "text", (text, ref))
+
+    def delete_last(self, role: str, ref: Optional[str] = None) -> None:
+        """Delete the conversation's most recent message, of `role`."""
+        self.engine.submit(self.id, "delete", (role, ref))
 
     def update(self, config: SessionConfig) -> None:
         self.engine.submit(self.id, "update", config)

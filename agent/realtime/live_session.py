@@ -8,6 +8,7 @@ A conversation is always in exactly one `Phase`; every change goes through
                               ▼                         ▼
                             ENDING ──flush──► WAITING ──response.create──► REPLYING ──done──► IDLE
                                      └──────────(server VAD)─────────────►┘
+    IDLE ──typed message──► WAITING;   IDLE ◄──delete the reply / the unanswered message──► WAITING
 
 The engine owns the compute: this object says what its session needs encoded
 (`encoder_work`) and takes the frames back (`encoder_done`); it never runs the
@@ -27,7 +28,7 @@ import torch
 
 from agent.realtime import events as ev
 from agent.realtime.config import SessionConfig
-from agent.realtime.session import Session
+from agent.realtime.session import Session, TurnTooLong
 from agent.realtime.turns import SpeechStarted, SpeechStopped, TurnDetector
 
 SR = 16000
@@ -48,7 +49,7 @@ class Phase(enum.Enum):
 
 
 _ALLOWED = {
-    Phase.IDLE: {Phase.LISTENING},
+    Phase.IDLE: {Phase.LISTENING, Phase.WAITING},
     Phase.LISTENING: {Phase.SPECULATING, Phase.ENDING, Phase.IDLE},
     Phase.SPECULATING: {Phase.LISTENING, Phase.WAITING, Phase.REPLYING, Phase.IDLE},
     Phase.ENDING: {Phase.WAITING, Phase.REPLYING, Phase.IDLE},
@@ -93,6 +94,15 @@ class ReplyRun:
 
 
 @dataclass(frozen=True)
+class ReplyOptions:
+    """response.create's per-response settings (None: the session's)."""
+
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    ref: Optional[str] = None  # echoed in the events about it
+
+
+@dataclass(frozen=True)
 class EncoderWork:
     """What one session needs from this tick's batched encoder step."""
 
@@ -125,6 +135,7 @@ class LiveSession:
         self.queued: Optional[QueuedTurn] = None
         self.reply: Optional[ReplyRun] = None
         self.speech_end_time: Optional[float] = None
+        self.reply_options = ReplyOptions()  # for the next reply
         self.speculate = True
         self._spec_refused: Optional[int] = None  # a pause whose speculative end could not run
 
@@ -138,8 +149,8 @@ class LiveSession:
     def manual(self) -> bool:
         return self.config.turn_detection.mode == "manual"
 
-    def _error(self, code: str, message: str) -> None:
-        self.emit(ev.ErrorEvent(code, message))
+    def _error(self, code: str, message: str, ref: Optional[str] = None) -> None:
+        self.emit(ev.ErrorEvent(code, message, ref))
 
     # -- audio and turns --------------------------------------------------------
     def receive(self, samples: np.ndarray) -> None:
@@ -370,29 +381,73 @@ class LiveSession:
         else:
             self._enter(Phase.WAITING)
 
+    # -- typed messages and the conversation's items ----------------------------------
+    def add_text(self, text: str, ref: Optional[str] = None) -> None:
+        """conversation.item.create with a user text message: a turn without audio,
+        answered on response.create."""
+        if self.phase in _OPEN or self.phase is Phase.REPLYING or self.queued is not None:
+            what = "a response is in progress" if self.phase is Phase.REPLYING else "an audio turn is open"
+            self._error("conversation_busy", f"{what}: a typed message can be added once it is done (or after "
+                                             f"input_audio_buffer.clear / response.cancel)", ref)
+            return
+        try:
+            self.session.add_text_turn(text)
+        except ValueError as exc:
+            self._error("invalid_item", str(exc), ref)
+            return
+        self._enter(Phase.WAITING)
+        self.emit(ev.UserTextAddedEvent(text, ref))
+
+    def delete_last(self, role: str, ref: Optional[str] = None) -> None:
+        """conversation.item.delete of the most recent item (the wire checked which)."""
+        if self.phase not in (Phase.IDLE, Phase.WAITING):
+            self._error("item_delete_not_possible", f"the conversation is busy ({self.phase.value}): delete after "
+                                                    f"the response or turn in progress", ref)
+            return
+        try:
+            self.session.delete_last(role)
+        except ValueError as exc:
+            self._error("item_delete_not_possible", str(exc), ref)
+            return
+        self._enter(Phase.WAITING if role == "assistant" else Phase.IDLE)
+        self.emit(ev.ItemDeletedEvent(role, ref))
+
     # -- replies -----------------------------------------------------------------
-    def request_reply(self) -> None:
+    def request_reply(self, options: Optional[ReplyOptions] = None) -> None:
         """response.create from the client."""
+        options = options or ReplyOptions()
         if self.phase is Phase.ENDING:  # committed, flush not run yet: answer right after it
             self.turn.respond = True
+            self.reply_options = options
         elif self.phase is Phase.WAITING:
+            self.reply_options = options
             self.start_reply()
         elif self.phase is Phase.REPLYING:
-            self._error("response_not_possible", "a response is already in progress")
+            self._error("conversation_already_has_active_response", "a response is already in progress", options.ref)
         else:
-            self._error("response_not_possible", "no committed user turn to answer")
+            self._error("response_not_possible", "no committed user turn or message to answer", options.ref)
 
     def start_reply(self) -> None:
-        self._enter(Phase.REPLYING)
-        self.reply = ReplyRun(f"resp_{next(_response_ids)}", self.session.reply(self.config.generation()))
-        self.detector.reply_active = True
-        self.emit(ev.ResponseCreatedEvent(self.reply.response_id))
-
-    def cancel_reply(self) -> None:
-        if self.phase is not Phase.REPLYING:
-            self._error("response_cancel_not_active", "there is no response to cancel")
+        options, self.reply_options = self.reply_options, ReplyOptions()
+        settings = self.config.generation()
+        if options.max_output_tokens is not None:
+            settings = settings.replace(max_new_tokens=options.max_output_tokens)
+        try:
+            steps = self.session.reply(settings, instructions=options.instructions)
+        except TurnTooLong as exc:
+            self._error("response_not_possible", str(exc), options.ref)
+            self._enter(Phase.WAITING)
             return
-        self.session.cancel()
+        self._enter(Phase.REPLYING)
+        self.reply = ReplyRun(f"resp_{next(_response_ids)}", steps)
+        self.detector.reply_active = True
+        self.emit(ev.ResponseCreatedEvent(self.reply.response_id, settings.max_new_tokens))
+
+    def cancel_reply(self, ref: Optional[str] = None) -> None:
+        if self.phase is not Phase.REPLYING:
+            self._error("response_cancel_not_active", "there is no response to cancel", ref)
+            return
+        self.session.cancel("client_cancelled")
         self.advance_reply(to_end=True)
 
     def advance_reply(self, to_end: bool = False) -> bool:
@@ -418,7 +473,8 @@ class LiveSession:
         self.emit(ev.ResponseDoneEvent(
             response_id, result.text, result.status, result.reason, output_tokens=len(result.token_ids),
             input_positions=self.session.llm.positions,
-            latency_ms=turn.times.latency_ms() if turn is not None else {}))
+            latency_ms=turn.times.latency_ms() if turn is not None else {},
+            input_tokens=result.input_tokens, cached_tokens=result.cached_tokens, audio_tokens=result.audio_tokens))
         if self.queued is not None:  # the turn that waited for this reply
             queued, self.queued = self.queued, None
             self.begin_turn(queued.start, queued.end, queued.respond)

@@ -25,15 +25,19 @@ import numpy as np
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
 from agent.realtime.metrics import BATCH_BUCKETS, Metrics
+from agent.realtime import schema
 from agent.realtime.protocol import (
     ProtocolError,
     WireSettings,
     apply_session_update,
+    choose_dialect,
     decode_append,
+    decode_audio,
     parse_event,
-    pcm16_to_float,
+    response_options,
+    session_patch,
 )
-from agent.realtime.wire import session_description, to_wire
+from agent.realtime.wire import server_events
 
 log = logging.getLogger("nestvox.server")
 REALTIME_PATHS = ("/v1/realtime", "/")
@@ -88,22 +92,23 @@ class Resampler:
 class Connection:
     """One client: protocol validation, resampling, and the bridge to its engine session."""
 
-    def __init__(self, server: "RealtimeServer", ws):
+    def __init__(self, server: "RealtimeServer", ws, dialect: str = "ga"):
         self.server = server
         self.ws = ws
         self.config = server.config.session
-        self.wire = WireSettings()
+        self.wire = WireSettings(dialect=dialect)
+        self.out = server_events(dialect)
         self.resampler = Resampler(self.wire.input_sample_rate)
         self.updated = False
         self.handle = None
 
     def describe(self) -> dict:
         streamer = self.server.engine.streamer_for(self.config.chunk_ms)
-        return session_description(self.handle.id, self.config, self.wire, streamer.chunk_ms,
-                                   streamer.latency_ms, self.server.model_name)
+        return self.out.session(self.handle.id, self.config, self.wire, streamer.chunk_ms, streamer.latency_ms,
+                                self.server.model_name)
 
     async def send(self, event: dict) -> None:
-        await self.ws.send(json.dumps(event))
+        await self.ws.send(json.dumps(self.out.stamp(event)))
 
     async def error(self, err: ProtocolError) -> None:
         self.server.metrics.inc("nestvox_errors_total", code=err.code)
@@ -133,10 +138,10 @@ class Connection:
 
     async def forward_events(self) -> None:
         while True:
-            for event in to_wire(await self.handle.next_event()):
+            for event in self.out.to_wire(await self.handle.next_event()):
                 self.count(event)
                 try:
-                    await self.send(event)
+                    await self.ws.send(json.dumps(event))
                 except Exception:  # the client is gone; the reader's finally cleans up
                     return
 
@@ -163,30 +168,81 @@ class Connection:
             self.append(message)
             return
         event = parse_event(message)
-        kind = event["type"]
-        if kind == "session.update":
-            config, wire = apply_session_update(event, self.config, self.wire, self.server.engine.streamer_for)
-            if wire.input_sample_rate != self.wire.input_sample_rate:
-                self.resampler = Resampler(wire.input_sample_rate)
-            self.config, self.wire, self.updated = config, wire, True
-            self.handle.update(config)
-            await self.send({"type": "session.updated", "session": self.describe()})
-        elif kind == "input_audio_buffer.append":
-            self.append(decode_append(event), event.get("event_id"))
-        elif kind == "input_audio_buffer.commit":
-            self.handle.commit()
-        elif kind == "input_audio_buffer.clear":
-            self.handle.clear()
-        elif kind == "response.create":
-            self.handle.create_response()
-        elif kind == "response.cancel":
-            self.handle.cancel()
+        handler = getattr(self, "on_" + event.type.replace(".", "_"))
+        await handler(event)
+
+    # -- client events, one method each ---------------------------------------------------
+    async def on_session_update(self, event: schema.SessionUpdate) -> None:
+        patch = session_patch(self.wire.dialect, event.session, event.event_id)
+        config, wire = apply_session_update(patch, self.config, self.wire, self.server.engine.streamer_for,
+                                            event.event_id)
+        if "audio" in wire.output_modalities:
+            raise ProtocolError("invalid_session_config", "audio replies are not available on this server: use "
+                                "output_modalities [\"text\"]", event.event_id,
+                                "session.output_modalities" if self.wire.dialect == "ga" else "session.modalities")
+        if wire.input_sample_rate != self.wire.input_sample_rate:
+            self.resampler = Resampler(wire.input_sample_rate)
+        self.config, self.wire, self.updated = config, wire, True
+        self.handle.update(config)
+        await self.send({"type": "session.updated", "session": self.describe()})
+
+    async def on_input_audio_buffer_append(self, event: schema.Append) -> None:
+        self.append(decode_append(event), event.event_id)
+
+    async def on_input_audio_buffer_commit(self, event) -> None:
+        self.handle.commit()
+
+    async def on_input_audio_buffer_clear(self, event) -> None:
+        self.handle.clear()
+
+    async def on_response_create(self, event: schema.ResponseCreate) -> None:
+        options = event.response
+        if options is not None and "audio" in (options.output_modalities or options.modalities or []):
+            raise ProtocolError("invalid_event", "audio replies are not available on this server",
+                                event.event_id, "response.output_modalities")
+        instructions, tokens = response_options(event, self.config)
+        self.handle.create_response(instructions, tokens, ref=event.event_id)
+
+    async def on_response_cancel(self, event: schema.ResponseCancel) -> None:
+        self.handle.cancel(ref=event.event_id)
+
+    async def on_conversation_item_create(self, event: schema.ItemCreate) -> None:
+        last = getattr(self.out, "last_item", None)
+        if event.previous_item_id not in (None, "root", last) or (event.previous_item_id == "root" and last):
+            raise ProtocolError("invalid_event", "items can only be added at the end of the conversation "
+                                f"(previous_item_id {last!r} or omitted)", event.event_id, "previous_item_id")
+        text = "".join(part.text for part in event.item.content)
+        item_id = self.out.typed_item(event.item.id, event.event_id)
+        self.handle.add_text(text, ref=item_id)
+
+    async def on_conversation_item_delete(self, event: schema.ItemDelete) -> None:
+        items = getattr(self.out, "items", None)
+        if items is None:
+            raise ProtocolError("invalid_event", "conversation.item.delete needs the GA dialect", event.event_id)
+        if event.item_id not in items:
+            raise ProtocolError("item_not_found", f"no item {event.item_id!r} in this conversation",
+                                event.event_id, "item_id")
+        if event.item_id != items[-1]:
+            raise ProtocolError("item_delete_not_supported", "only the conversation's most recent item can be "
+                                "deleted: later turns are computed on the earlier ones (they sit in the KV cache)",
+                                event.event_id, "item_id")
+        self.out.deleting(event.item_id, event.event_id)
+        self.handle.delete_last(self.out.role_of(event.item_id), ref=event.item_id)
+
+    async def on_conversation_item_truncate(self, event: schema.ItemTruncate) -> None:
+        raise ProtocolError("item_truncate_not_supported", "conversation.item.truncate cuts an assistant item's "
+                            "audio to what was played, and this server's replies are text only", event.event_id,
+                            "item_id")
+
+    async def on_output_audio_buffer_clear(self, event) -> None:
+        raise ProtocolError("invalid_event", "there is no output audio buffer: replies are text only",
+                            event.event_id)
 
     def append(self, data: bytes, event_id: Optional[str] = None) -> None:
         if self.server.config.require_session_update and not self.updated:
-            raise ProtocolError("session_update_required", "send session.update (with input_sample_rate) before "
-                                "any audio", event_id)
-        samples = pcm16_to_float(data)
+            raise ProtocolError("session_update_required", "send session.update (with the input audio format) "
+                                "before any audio", event_id)
+        samples = decode_audio(data, self.wire.input_format)
         self.handle.append_audio(self.resampler(samples))
 
 
@@ -262,15 +318,16 @@ class RealtimeServer:
         session. The websockets handler and the Ray Serve ingress both come here."""
         if not self.has_room:
             self.metrics.inc("nestvox_sessions_rejected_total", reason="full")
-            await ws.send(json.dumps(ProtocolError(
-                "server_full", f"the server is at max_sessions={self.config.max_sessions}: try again later").event()))
+            event = ProtocolError("server_full", f"the server is at max_sessions={self.config.max_sessions}: "
+                                  f"try again later").event()
+            await ws.send(json.dumps({**event, "event_id": "event_0"}))
             await ws.close(1013, "server full")
             return
         self.connections += 1
         self.metrics.inc("nestvox_sessions_total")
         self.metrics.set("nestvox_sessions_active", self.connections)
         try:
-            await Connection(self, ws).run()
+            await Connection(self, ws, choose_dialect(path, headers)).run()
         except Exception as exc:  # ConnectionClosed and friends: the client went away
             log.info("connection ended: %s", type(exc).__name__)
         finally:

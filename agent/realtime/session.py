@@ -29,7 +29,13 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from agent.realtime.chat_prompt import assistant_turn_ids, user_content, user_turn_ids
+from agent.realtime.chat_prompt import (
+    assistant_turn_ids,
+    continuation_ids,
+    generation_header_ids,
+    user_content,
+    user_turn_ids,
+)
 from agent.realtime.detokenize import IncrementalDetokenizer
 from agent.realtime.llm_state import ContextFull, LLMState
 from agent.realtime.sampling import GenerationSettings, Sampler, stop_ids
@@ -88,7 +94,10 @@ class ReplyResult:
     text: str
     token_ids: List[int]
     status: str  # "completed", "cancelled", "incomplete"
-    reason: Optional[str] = None  # "max_output_tokens", "max_context", ...
+    reason: Optional[str] = None  # "turn_detected", "client_cancelled", "max_output_tokens", "max_context"
+    input_tokens: int = 0  # the context the reply was decoded from
+    cached_tokens: int = 0  # of those, in the cache before the user turn began
+    audio_tokens: int = 0  # of those, audio embeddings
 
 
 class Session:
@@ -109,7 +118,13 @@ class Session:
         self.history: List[dict] = []  # the conversation in the cache, as the offline path renders it
         self.turn: Optional[Turn] = None
         self.last_reply: Optional[ReplyResult] = None
-        self._cancel = False
+        self.audio_in_context = 0  # audio positions of the turns in the cache
+        # While the last user message waits for its reply, the cache ends with the
+        # assistant generation header (this many positions); another user message
+        # first takes it off again.
+        self.header_positions = 0
+        self.reply_start: Optional[int] = None  # where the last reply's content begins in the cache
+        self._cancel: Optional[str] = None
 
     # -- settings ----------------------------------------------------------------
     def set_instructions(self, system_prompt: Optional[str]) -> None:
@@ -119,8 +134,7 @@ class Session:
             if self.turn is not None and not self.turn.ended:
                 raise RuntimeError("cannot change the instructions in the middle of a user turn")
             self.system_prompt = system_prompt
-            self.history = []
-            self.llm.reset()
+            self._restart_conversation()
 
     # -- the user turn ---------------------------------------------------------------
     @property
@@ -136,6 +150,7 @@ class Session:
         nothing of it is left for the end of the turn."""
         if self.listening:
             raise RuntimeError("a user turn is already in progress")
+        self._drop_header()
         ids = self._user_ids()
         start = self.llm.positions
         try:
@@ -206,7 +221,71 @@ class Session:
             self._replay_turn()
             self.llm.prefill_ids(after)
         turn.ended = True
-        self.history.append({"role": "user", "content": user_content(self.user_text, self.placeholder)})
+        self.audio_in_context += turn.audio_positions
+        self._user_message_ended({"role": "user", "content": user_content(self.user_text, self.placeholder)})
+
+    def _user_message_ended(self, message: dict) -> None:
+        self.history.append(message)
+        self.header_positions = len(generation_header_ids(self.tokenizer, self.history, self.system_prompt))
+
+    def _drop_header(self) -> None:
+        """Another user message follows one that got no reply: take the generation header off the cache."""
+        if self.header_positions:
+            self.llm.truncate(self.llm.positions - self.header_positions)
+            self.header_positions = 0
+
+    def add_text_turn(self, text: str) -> None:
+        """A typed user message: pre-filled at once with the generation header, like an
+        audio turn at its end (the reply then starts from `reply()`)."""
+        if self.listening:
+            raise RuntimeError("a user turn is in progress: finish or clear it first")
+        if not text.strip():
+            raise ValueError("the message has no text")
+        self._drop_header()
+        message = {"role": "user", "content": text}
+        ids = continuation_ids(self.tokenizer, self.history, [message], self.system_prompt)
+        if not self.llm.fits(len(ids) + 1):
+            self._restart_conversation()
+            ids = continuation_ids(self.tokenizer, [], [message], self.system_prompt)
+            if not self.llm.fits(len(ids) + 1):
+                raise TurnTooLong(f"the message needs {len(ids)} positions but the context budget is "
+                                  f"{self.llm.max_positions}")
+        start = self.llm.positions
+        self.llm.prefill_ids(ids)
+        now = time.perf_counter()
+        self.turn = Turn(carry=None, start_position=start, audio_position=self.llm.positions, ended=True,
+                         times=TurnTimes(speech_end=now, encoder_done=now))
+        self._user_message_ended(message)
+
+    def delete_last(self, role: str) -> None:
+        """Take the conversation's most recent message (of `role`) out of the history
+        and the cache. An assistant reply: the cache is back at its user turn plus the
+        generation header, so `reply()` answers it again. A user message that got no
+        reply: the cache is back where that message began."""
+        if self.listening:
+            raise RuntimeError("a user turn is in progress")
+        if not self.history or self.history[-1]["role"] != role:
+            raise ValueError(f"the conversation's most recent message is not a {role} message")
+        if role == "assistant":
+            if self.reply_start is None or self.reply_start > self.llm.positions:
+                raise ValueError("the reply is no longer in the cache")
+            self.llm.truncate(self.reply_start)
+            self.history.pop()
+            self.header_positions = len(generation_header_ids(self.tokenizer, self.history, self.system_prompt))
+            self.reply_start = None
+            now = time.perf_counter()
+            self.turn.times = TurnTimes(speech_end=now, encoder_done=now)
+        else:
+            if len(self.history) > 1 and self.history[-2]["role"] == "user":
+                raise ValueError("the message before it is a user message that got no reply either: delete "
+                                 "both from the newest, or answer them")
+            if self.turn is None or not self.turn.ended or self.header_positions == 0:
+                raise ValueError("the user message is no longer in the cache")
+            self.llm.truncate(self.turn.start_position)
+            self.history.pop()
+            self.audio_in_context -= self.turn.audio_positions
+            self.header_positions = 0
+            self.turn = None
 
     # -- speculation: the end-of-turn work done during the VAD's silence -----------------
     def snapshot(self) -> dict:
@@ -217,7 +296,8 @@ class Session:
         return {"positions": self.llm.positions, "logits": None if self.llm.pending else self.llm.last_logits,
                 "carry": None if carry is None else StackCarry(None if carry.frames is None else carry.frames.clone()),
                 "embeddings": len(turn.embeddings), "audio_positions": turn.audio_positions,
-                "history": len(self.history), "times": dataclasses.replace(turn.times)}
+                "history": len(self.history), "times": dataclasses.replace(turn.times),
+                "audio_in_context": self.audio_in_context, "header_positions": self.header_positions}
 
     def restore(self, snap: dict) -> None:
         """Undo a speculative `end_turn`: the user kept talking."""
@@ -233,6 +313,8 @@ class Session:
         del self.history[snap["history"]:]
         turn.times = snap["times"]
         turn.ended = False
+        self.audio_in_context = snap["audio_in_context"]
+        self.header_positions = snap["header_positions"]
 
     def abort_turn(self) -> None:
         """Drop the user turn in progress (the client cleared its audio): its
@@ -246,6 +328,8 @@ class Session:
         stays), so the conversation continues with the current turn alone."""
         self.history = []
         self.llm.reset()
+        self.audio_in_context = self.header_positions = 0
+        self.reply_start = None
 
     def _replay_turn(self) -> None:
         """Pre-fill the current turn again after a restart: template text + its audio."""
@@ -261,31 +345,55 @@ class Session:
             self.llm.prefill_embeds(e)
 
     # -- the reply -----------------------------------------------------------------
-    def cancel(self) -> None:
-        """Stop the running reply at the next token (barge-in, response.cancel)."""
-        self._cancel = True
+    def cancel(self, reason: str = "turn_detected") -> None:
+        """Stop the running reply at the next token: barge-in ("turn_detected") or
+        response.cancel ("client_cancelled")."""
+        self._cancel = reason
 
-    def reply(self, settings: Optional[GenerationSettings] = None) -> Iterator[str]:
+    def reply(self, settings: Optional[GenerationSettings] = None, instructions: Optional[str] = None
+              ) -> Iterator[str]:
         """Decode the reply; each `next()` picks ONE token and yields its text delta
         ("" when the token completes no text yet). The picked token is queued for the
         next forward, which the engine runs for every replying session at once (a
         private `LLMState` runs it at once). The reply then goes into the history
-        and the cache (see `last_reply`)."""
+        and the cache (see `last_reply`).
+
+        `instructions`: for this reply only, a system message just before it (the
+        generation header comes off and goes back after it). Afterwards the cache
+        holds the conversation without it, as if the reply had followed the user
+        turn directly."""
         settings = settings or self.settings
         if not settings.stop_token_ids:
             settings = settings.replace(stop_token_ids=self.settings.stop_token_ids)
         turn = self.turn
-        if turn is None or not turn.ended:
+        if turn is None or not turn.ended or not self.header_positions:
             raise RuntimeError("end the user turn before replying")
+        usage = {"cached_tokens": turn.start_position, "audio_tokens": self.audio_in_context}
+        restart_at = None
+        if instructions:  # set up now, so the engine's next batched forward pre-fills it
+            restart_at = self.llm.positions - self.header_positions
+            extra = continuation_ids(self.tokenizer, self.history, [{"role": "system", "content": instructions}],
+                                     self.system_prompt)
+            if not self.llm.fits(len(extra) - self.header_positions + 1):
+                raise TurnTooLong(f"the response's instructions need {len(extra)} positions; the context budget "
+                                  f"is {self.llm.max_positions}")
+            self.llm.truncate(restart_at)
+            self.llm.prefill_ids(extra)
+        self.header_positions = 0
+        usage["input_tokens"] = self.llm.positions
+        return self._decode(settings, restart_at, usage)
+
+    def _decode(self, settings: GenerationSettings, restart_at: Optional[int], usage: dict) -> Iterator[str]:
+        turn = self.turn
         sampler = Sampler(settings)
         detok = IncrementalDetokenizer(self.tokenizer)
         reply_start = self.llm.positions
         emitted: List[int] = []
         status, reason = "completed", None
-        self._cancel = False
+        self._cancel = None
         while True:
             if self._cancel:
-                status, reason = "cancelled", "turn_detected"
+                status, reason = "cancelled", self._cancel
                 break
             token = sampler(self.llm.last_logits)
             if turn.times.first_token is None:
@@ -309,24 +417,32 @@ class Session:
             yield rest
         turn.times.last_token = time.perf_counter()
         text = detok.text
-        self._close_reply(reply_start, emitted, text)
-        self.last_reply = ReplyResult(text, emitted, status, reason)
+        self._close_reply(reply_start, emitted, text, restart_at)
+        self.last_reply = ReplyResult(text, emitted, status, reason, **usage)
 
-    def _close_reply(self, reply_start: int, emitted: List[int], text: str) -> None:
+    def _close_reply(self, reply_start: int, emitted: List[int], text: str, restart_at: Optional[int] = None) -> None:
         """Put the reply into the cache as the offline path would tokenize it, plus the
-        template's end of turn, so the next turn pre-fills only new tokens."""
+        template's end of turn, so the next turn pre-fills only new tokens.
+        `restart_at`: the reply followed a per-response system message that starts
+        there; it leaves the cache (the header, the reply and its end go in again)."""
         ids = assistant_turn_ids(self.tokenizer, self.history, text, self.system_prompt)
-        fed = emitted[:-1] if emitted else []  # every emitted token but the last went through the LLM
-        fed = fed[: self.llm.positions - reply_start]
-        # Keep what the model spelled as the tokenizer would; from the first token where
-        # they differ, re-pre-fill the canonical spelling.
-        same = next((i for i, (a, b) in enumerate(zip(fed, ids.reply)) if a != b), min(len(fed), len(ids.reply)))
-        if same < len(fed):
-            self.llm.truncate(reply_start + same)
-        todo = ids.reply[same:] + ids.closing
+        if restart_at is not None:
+            self.llm.truncate(restart_at)
+            header = generation_header_ids(self.tokenizer, self.history, self.system_prompt)
+            reply_start, same, todo = restart_at + len(header), 0, header + ids.reply + ids.closing
+        else:
+            fed = emitted[:-1] if emitted else []  # every emitted token but the last went through the LLM
+            fed = fed[: self.llm.positions - reply_start]
+            # Keep what the model spelled as the tokenizer would; from the first token where
+            # they differ, re-pre-fill the canonical spelling.
+            same = next((i for i, (a, b) in enumerate(zip(fed, ids.reply)) if a != b), min(len(fed), len(ids.reply)))
+            if same < len(fed):
+                self.llm.truncate(reply_start + same)
+            todo = ids.reply[same:] + ids.closing
         try:
             self.llm.prefill_ids(todo)
         except ContextFull:  # not even the reply fits: the next turn starts a fresh conversation
             self._restart_conversation()
             return
+        self.reply_start = reply_start
         self.history.append({"role": "assistant", "content": text})
