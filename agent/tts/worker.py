@@ -130,7 +130,7 @@ class SpeechStream:
         with self._w._cv:
             if self._state != _OPEN:
                 return
-            self._state = _FINISHING
+            self._set_state(_FINISHING)
             self._enqueue(self._seg.flush(), force_ready=True)
 
     def cancel(self) -> None:
