@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import shutil
 import subprocess
 import threading
-import time
 from typing import Callable, List, Optional
 
 import numpy as np

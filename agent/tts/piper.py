@@ -34,8 +34,7 @@ class PiperEngine(TTSEngine):
             raise TTSError(f"piper voice config not found: {config!r} (the .onnx.json that "
                            "comes with the voice)")
         try:
-            import piper  # noqa: F401  (lazy: an optional extra)
-            from piper import PiperVoice
+            from piper import PiperVoice  # lazy: an optional extra
         except ImportError as e:
             raise TTSError(f"the piper engine needs the piper-tts package ({e}); "
                            f"{_INSTALL_HINT}") from None
