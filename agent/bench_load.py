@@ -59,6 +59,7 @@ has only its round-robin path: "batched" is then skipped with a note.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import math
@@ -120,19 +121,22 @@ def synthesize_utterances(texts: Sequence[str] = UTTERANCES) -> Tuple[List[np.nd
 def read_event(event) -> Tuple[str, dict]:
     """(kind, fields) for an engine event: kind is "speech_stopped", "delta" {delta},
     "done" {status, text, output_tokens, latency_ms}, "error" {code, message} or "other".
-    Takes OpenAI-shaped dicts (the engine's events before agent.realtime.events) and
-    typed event objects (SpeechStoppedEvent, TextDeltaEvent, ResponseDoneEvent,
-    ErrorEvent; the "Event" suffix is optional) alike."""
+    Takes OpenAI-shaped dicts (the Realtime GA dialect: response.output_text.delta, a
+    response.done whose output message holds output_text parts; beta's
+    response.text.delta and text parts too) and typed event objects
+    (SpeechStoppedEvent, TextDeltaEvent, ResponseDoneEvent, ErrorEvent; the "Event"
+    suffix is optional) alike."""
     if isinstance(event, dict):
         kind = event.get("type", "")
         if kind == "input_audio_buffer.speech_stopped":
             return "speech_stopped", {}
-        if kind in ("response.text.delta", "response.output_text.delta"):
+        if kind in ("response.output_text.delta", "response.text.delta"):
             return "delta", {"delta": event.get("delta", "")}
         if kind == "response.done":
             response = event.get("response") or {}
-            content = ((response.get("output") or [{}])[0].get("content") or [{}])
-            return "done", {"status": response.get("status"), "text": content[0].get("text", ""),
+            parts = [part for item in response.get("output") or [] for part in (item or {}).get("content") or []
+                     if isinstance(part, dict) and part.get("type") in ("output_text", "text")]
+            return "done", {"status": response.get("status"), "text": parts[0].get("text", "") if parts else "",
                             "output_tokens": (response.get("usage") or {}).get("output_tokens", 0),
                             "latency_ms": response.get("latency_ms") or {}}
         if kind == "error":
@@ -275,7 +279,9 @@ async def run_streams(engine, utterances: Sequence[np.ndarray], streams: int, du
     loop = asyncio.get_running_loop()
     packet = SR * PACKET_MS // 1000
     silence = np.zeros(packet, dtype=np.float32)
-    config = SessionConfig(instructions=instructions, max_response_output_tokens=max_tokens,
+    names = {f.name for f in dataclasses.fields(SessionConfig)}  # GA's name for the reply limit, or beta's
+    limit = "max_output_tokens" if "max_output_tokens" in names else "max_response_output_tokens"
+    config = SessionConfig(instructions=instructions, **{limit: max_tokens},
                            turn_detection=TurnDetectionSettings(silence_duration_ms=silence_ms))
     t0 = time.perf_counter()
     deadline = t0 + duration
@@ -687,7 +693,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", default="batched,round-robin", help="batched, round-robin or both (comma separated)")
     p.add_argument("--budget-ms", type=float, default=1000.0, help="on time: first token within VAD silence + this")
     p.add_argument("--silence-ms", type=int, default=500, help="the server VAD's silence_duration_ms")
-    p.add_argument("--max-tokens", type=int, default=64, help="max_response_output_tokens per reply")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_output_tokens per reply")
     p.add_argument("--max-batch", type=int, default=None, help="Engine max_batch (default: N)")
     p.add_argument("--max-positions", type=int, default=None,
                    help="each session's LLM context (Engine max_positions; default: the engine's)")

@@ -1,9 +1,25 @@
-"""What the nestvox clients share: connecting (with an optional token), PCM16
-conversion, reading a wav at the session rate, streaming one turn and
-receiving its events until `response.done`, and per-turn latency figures.
+"""What the nestvox clients share: connecting (with an optional token), the GA
+session object (reading it, building session.update), PCM16 conversion, reading
+a wav at the session rate, streaming one turn (spoken or typed) and receiving
+its events until `response.done`, and per-turn latency figures.
 
-This module talks the wire protocol only (README / DESIGN.md section 4); it
-never imports the server's code (no torch), so a client starts in a second.
+This module talks the wire protocol only: the OpenAI Realtime GA dialect, the
+server's default (README, "Protocol"). It never imports the server's code (no
+torch), so a client starts in a second.
+
+The GA session (session.created / session.updated `session`) as the clients read it:
+  audio.input.format.rate          the input rate of binary PCM16 frames (24000 by default)
+  audio.input.turn_detection       server_vad settings, or null (manual commit)
+  instructions, max_output_tokens
+  nestvox.chunk_ms / algorithmic_latency_ms / temperature / top_p / max_turn_seconds / input_rates
+`Connection.update(rate=16000, manual=True, chunk_ms=320, ...)` sends a GA
+session.update with only those fields ({"type": "realtime", "audio": {"input":
+{"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": null}},
+"nestvox": {"chunk_ms": 320}}).
+
+The clients send the model's 16 kHz by default (`MODEL_RATE`) and declare it in
+session.update, so the server does not resample (the GA default, 24 kHz, is one
+--rate away).
 
 Latency figures of one turn (`TurnResult`):
 
@@ -16,13 +32,14 @@ Latency figures of one turn (`TurnResult`):
   reference point `t_end`:
     manual mode: when the last audio packet was sent (commit and
       response.create follow at once);
+    typed turns: when response.create was sent;
     server_vad mode: when the client sent the audio at the point where, by the
       server's `speech_stopped.audio_end_ms`, the user stopped talking. These
       figures therefore INCLUDE the VAD's silence window (silence_duration_ms,
       500 ms by default) that the server waits before it ends a turn.
   end_to_speech_stopped, end_to_created (response.created: the server has
   flushed the encoder and pre-filled the turn), end_to_first_delta (the first
-  `response.text.delta`), end_to_done (`response.done`); and, server_vad only,
+  `response.output_text.delta`), end_to_done (`response.done`); and, server_vad only,
   speech_stopped_to_first_delta: from the arrival of `speech_stopped` to the
   first delta (the client's view of what the server reports as
   speech_end_to_first_token, plus loopback transit).
@@ -35,22 +52,27 @@ import asyncio
 import base64
 import bisect
 import ipaddress
+import itertools
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/realtime"
 START_HINT = "start a server with `python serve.py` (it listens on ws://127.0.0.1:8765/v1/realtime), or pass --url"
+MODEL_RATE = 16000  # the model's rate: audio sent at it is not resampled by the server
+GA_RATE = 24000  # the GA session's default input rate (audio/pcm)
 SERVER_STAGES = ("speech_end_to_encoder_done", "speech_end_to_first_token", "first_token_to_last_token",
                  "speech_end_to_last_token")
 CLIENT_STAGES = ("end_to_speech_stopped", "end_to_created", "end_to_first_delta", "end_to_done",
                  "speech_stopped_to_first_delta")
+TEXT_DELTA = ("response.output_text.delta", "response.text.delta")  # GA (beta's name also read)
+TEXT_DONE = ("response.output_text.done", "response.text.done")
 
 
 class ClientError(Exception):
@@ -71,20 +93,46 @@ class ServerRefused(ClientError):
         self.code = code
 
 
-class UpdateRefused(ClientError):
+class ServerErrorMixin:
+    """`error`: the GA error object ({type, code, message, param, event_id}) when an error event caused it."""
+
+    error: Dict[str, Any]
+
+    @property
+    def param(self) -> Optional[str]:
+        return (self.error or {}).get("param")
+
+
+class UpdateRefused(ServerErrorMixin, ClientError):
     """The server answered session.update with an error event (nothing changed)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, error: Optional[dict] = None):
         super().__init__(message)
         self.code = code
+        self.error = error or {}
 
 
-class TurnFailed(ClientError):
+class TurnFailed(ServerErrorMixin, ClientError):
     """An `error` event, a closed connection or a timeout during a turn."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, error: Optional[dict] = None):
         super().__init__(message)
         self.code = code
+        self.error = error or {}
+
+
+def error_of(event: dict) -> Dict[str, Any]:
+    """The GA `error` object of an error event, with every field present (None where missing)."""
+    err = event.get("error")
+    err = err if isinstance(err, dict) else {}
+    return {"type": err.get("type"), "code": err.get("code") or "error", "message": err.get("message") or "",
+            "param": err.get("param"), "event_id": err.get("event_id")}
+
+
+def describe_error(err: Dict[str, Any]) -> str:
+    """`code: message (param x)`: one line for a GA error object."""
+    param = f" (param {err['param']})" if err.get("param") else ""
+    return f"{err.get('code')}: {err.get('message')}{param}"
 
 
 # -- audio ------------------------------------------------------------------------------
@@ -154,9 +202,69 @@ def with_path(url: str) -> str:
     return url
 
 
+# -- the GA session object ------------------------------------------------------------
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET", "__bool__": lambda self: False})()
+
+
+def session_rate(session: dict) -> int:
+    """audio.input.format.rate of a GA session (24000 when it says nothing)."""
+    fmt_ = (((session.get("audio") or {}).get("input") or {}).get("format") or {})
+    return int(fmt_.get("rate") or GA_RATE)
+
+
+def session_turn_detection(session: dict) -> Optional[dict]:
+    """audio.input.turn_detection of a GA session: the server_vad settings, or None (manual commit)."""
+    return ((session.get("audio") or {}).get("input") or {}).get("turn_detection")
+
+
+def session_extension(session: dict) -> dict:
+    """Our extensions of a GA session (`nestvox`: chunk_ms, algorithmic_latency_ms, temperature, ...)."""
+    return dict(session.get("nestvox") or {})
+
+
+def describe_session(session: dict) -> str:
+    """One line: chunk, algorithmic latency, input rate, turn mode."""
+    ext, td = session_extension(session), session_turn_detection(session)
+    mode = "manual commit" if td is None else f"server VAD ({td.get('silence_duration_ms')} ms silence)"
+    return (f"chunk {fmt(ext.get('chunk_ms'), 0)} ms (algorithmic latency {fmt(ext.get('algorithmic_latency_ms'))} "
+            f"ms), input {session_rate(session)} Hz, {mode}")
+
+
+def session_update(*, rate: Optional[int] = None, manual: Optional[bool] = None, turn_detection: Any = UNSET,
+                   instructions: Any = UNSET, max_output_tokens: Optional[int] = None,
+                   chunk_ms: Optional[int] = None, temperature: Optional[float] = None,
+                   top_p: Optional[float] = None, max_turn_seconds: Optional[float] = None) -> dict:
+    """The GA `session` of a session.update that changes only the given fields.
+
+    rate: audio.input.format {"type": "audio/pcm", "rate"}; manual=True: turn_detection
+    null, manual=False: server VAD (its defaults, or the current settings); turn_detection:
+    an explicit (partial) server_vad object or None; instructions / max_output_tokens:
+    top-level GA fields; chunk_ms, temperature, top_p, max_turn_seconds: under "nestvox"."""
+    session: Dict[str, Any] = {"type": "realtime"}
+    audio_input: Dict[str, Any] = {}
+    if rate is not None:
+        audio_input["format"] = {"type": "audio/pcm", "rate": int(rate)}
+    if manual is not None and turn_detection is UNSET:
+        turn_detection = None if manual else {"type": "server_vad"}
+    if turn_detection is not UNSET:
+        audio_input["turn_detection"] = turn_detection
+    if audio_input:
+        session["audio"] = {"input": audio_input}
+    if instructions is not UNSET:
+        session["instructions"] = instructions
+    if max_output_tokens is not None:
+        session["max_output_tokens"] = int(max_output_tokens)
+    ext = {k: v for k, v in (("chunk_ms", chunk_ms), ("temperature", temperature), ("top_p", top_p),
+                             ("max_turn_seconds", max_turn_seconds)) if v is not None}
+    if ext:
+        session["nestvox"] = ext
+    return session
+
+
+# -- connection -------------------------------------------------------------------------
 class Connection:
     """One websocket conversation. Use `await connect(url)`; `session` holds the
-    effective settings (session.created / session.updated)."""
+    effective settings (the GA session of session.created / session.updated)."""
 
     def __init__(self, ws, url: str, session: dict):
         self.ws = ws
@@ -164,23 +272,45 @@ class Connection:
         self.session = session
         self.sent_ms = 0.0  # audio sent on this connection, in ms of stream time
         self.send_log: List[tuple] = []  # (stream ms at the end of a packet, perf_counter when sent)
+        self._ids = itertools.count(1)
 
     @property
     def rate(self) -> int:
-        return int(self.session.get("input_sample_rate", 16000))
+        return session_rate(self.session)
+
+    @property
+    def turn_detection(self) -> Optional[dict]:
+        return session_turn_detection(self.session)
 
     @property
     def manual(self) -> bool:
-        return self.session.get("turn_detection") is None
+        return self.turn_detection is None
 
-    async def send_event(self, event: dict) -> None:
+    @property
+    def silence_ms(self) -> Optional[int]:
+        """The VAD's silence_duration_ms (None in manual mode)."""
+        td = self.turn_detection
+        return None if td is None else int(td.get("silence_duration_ms", 500))
+
+    @property
+    def nestvox(self) -> dict:
+        return session_extension(self.session)
+
+    def new_event_id(self) -> str:
+        return f"evt_client_{next(self._ids)}"
+
+    async def send_event(self, event: dict) -> str:
+        """Send a client event (an `event_id` is added when it has none); returns its event_id."""
+        if "event_id" not in event:
+            event = {**event, "event_id": self.new_event_id()}
         try:
             await self.ws.send(json.dumps(event))
         except Exception as exc:
             raise _closed(exc, self.url) from None
+        return event["event_id"]
 
     async def send_audio(self, pcm: bytes, as_json: bool = False) -> None:
-        """PCM16 at the session rate: a binary frame, or an input_audio_buffer.append event."""
+        """PCM16 at the session rate: a binary frame (the fast path), or an input_audio_buffer.append event."""
         try:
             if as_json:
                 await self.ws.send(json.dumps({"type": "input_audio_buffer.append",
@@ -217,9 +347,17 @@ class Connection:
             raise TurnFailed("invalid_event", f"{self.url} sent an event without a \"type\": {message[:200]!r}")
         return event
 
-    async def update(self, timeout: float = 10.0, **session) -> dict:
-        """session.update -> the effective settings from session.updated (ClientError on an error event)."""
-        await self.send_event({"type": "session.update", "session": session})
+    async def update(self, timeout: float = 10.0, **fields) -> dict:
+        """A GA session.update with only `fields` (see `session_update`: rate, manual,
+        turn_detection, instructions, max_output_tokens, chunk_ms, temperature, top_p,
+        max_turn_seconds) -> the effective session from session.updated. UpdateRefused
+        on the error event that answers it (nothing changed)."""
+        return await self.update_session(session_update(**fields), timeout)
+
+    async def update_session(self, session: dict, timeout: float = 10.0) -> dict:
+        """Send `session` (a GA session object, "type": "realtime" added) as session.update."""
+        session = {"type": "realtime", **session}
+        event_id = await self.send_event({"type": "session.update", "session": session})
         deadline = time.monotonic() + timeout
         while True:
             event = await self.recv_event(max(0.01, deadline - time.monotonic()))
@@ -227,9 +365,11 @@ class Connection:
                 self.session = event["session"]
                 return self.session
             if event["type"] == "error":
-                err = event.get("error", {})
-                raise UpdateRefused(err.get("code", "error"), f"the server refused session.update "
-                                    f"{json.dumps(session)}: {err.get('code')}: {err.get('message')}")
+                err = error_of(event)
+                if err["event_id"] not in (None, event_id):
+                    continue  # about an earlier event, not this update
+                raise UpdateRefused(err["code"], f"the server refused session.update {json.dumps(session)}: "
+                                    f"{describe_error(err)}", err)
 
     async def close(self) -> None:
         try:
@@ -260,11 +400,11 @@ def _closed(exc: Exception, url: str) -> ClientError:
 
 
 async def connect(url: str = DEFAULT_URL, token: Optional[str] = None, open_timeout: float = 10.0) -> Connection:
-    """Open a conversation and wait for session.created.
+    """Open a conversation (GA dialect) and wait for session.created.
 
     Raises ServerUnreachable (nothing listens: the message names the URL and
     `python serve.py`), ServerRefused (server_full / 1013, 401 unauthorized, any
-    other HTTP status) or ClientError (a bad URL)."""
+    other HTTP status) or ClientError (a bad URL, or a server that does not speak GA)."""
     from websockets.asyncio.client import connect as ws_connect
     from websockets.exceptions import InvalidStatus, InvalidURI
 
@@ -295,13 +435,19 @@ async def connect(url: str = DEFAULT_URL, token: Optional[str] = None, open_time
         await conn.close()
         raise
     if first.get("type") == "error":
-        err = first.get("error", {})
+        err = error_of(first)
         await conn.close()
-        raise ServerRefused(err.get("code", "error"), f"{url}: {err.get('code')}: {err.get('message')}")
+        raise ServerRefused(err["code"], f"{url}: {describe_error(err)}")
     if first.get("type") != "session.created":
         await conn.close()
         raise ClientError(f"{url} did not start with session.created (got {first.get('type')!r})")
-    conn.session = first["session"]
+    session = first.get("session") or {}
+    if session.get("type") != "realtime" or "audio" not in session:
+        await conn.close()
+        raise ClientError(f"{url} does not speak the Realtime GA dialect (its session.created has no "
+                          f"\"type\": \"realtime\" session with \"audio\"): these clients speak GA; drop a "
+                          f"?dialect=beta from the URL, or update the server")
+    conn.session = session
     return conn
 
 
@@ -315,14 +461,25 @@ class TurnResult:
     events: List[dict] = field(default_factory=list)
     stamps: Dict[str, float] = field(default_factory=dict)  # perf_counter of: start, end, speech_stopped, ...
     audio_ms: float = 0.0  # audio sent for the turn (speech, without trailing silence)
+    deltas: List[str] = field(default_factory=list)
+    response_id: Optional[str] = None
+    user_item_id: Optional[str] = None  # input_audio_buffer.committed / the typed item's id
+
+    @property
+    def response(self) -> dict:
+        return (self.done or {}).get("response") or {}
 
     @property
     def status(self) -> Optional[str]:
-        return self.done["response"].get("status") if self.done else None
+        return self.response.get("status") if self.done else None
+
+    @property
+    def usage(self) -> dict:
+        return dict(self.response.get("usage") or {})
 
     @property
     def latency_ms(self) -> Dict[str, Optional[float]]:
-        return dict((self.done or {}).get("response", {}).get("latency_ms") or {})
+        return dict(self.response.get("latency_ms") or {})
 
     @property
     def client_ms(self) -> Dict[str, Optional[float]]:
@@ -335,6 +492,57 @@ class TurnResult:
         out["speech_stopped_to_first_delta"] = None if stopped is None or first is None else round(
             1000 * (first - stopped), 2)
         return out
+
+    def observe(self, event: dict, now: Optional[float] = None,
+                sent_at: Optional[Callable[[float], Optional[float]]] = None, stream_start_ms: float = 0.0) -> str:
+        """Record one server event; returns "done" (response.done), "error" or "" (anything else,
+        unknown events included). `sent_at(stream_ms)` (server VAD turns): when the client sent
+        the audio at a stream position, to place the reference point `end` at speech_stopped."""
+        now = time.perf_counter() if now is None else now
+        self.events.append(event)
+        kind = event.get("type")
+        stamps = self.stamps
+        if kind in TEXT_DELTA:  # the most frequent first
+            stamps.setdefault("first_delta", now)
+            self.deltas.append(event.get("delta", ""))
+        elif kind in TEXT_DONE:
+            self.text = event.get("text", "".join(self.deltas))
+        elif kind == "input_audio_buffer.speech_started":
+            stamps.setdefault("speech_started", now)
+        elif kind == "input_audio_buffer.speech_stopped":
+            stamps.setdefault("speech_stopped", now)
+            if sent_at is not None:
+                # the reference point: when we sent the audio where the user stopped talking
+                end_ms = max(float(event.get("audio_end_ms", 0.0)), stream_start_ms)
+                stamps["end"] = sent_at(end_ms) or now
+        elif kind == "input_audio_buffer.committed":
+            stamps.setdefault("committed", now)
+            self.user_item_id = event.get("item_id", self.user_item_id)
+        elif kind == "conversation.item.added":
+            item = event.get("item") or {}
+            if item.get("role") == "user" and self.user_item_id is None:
+                self.user_item_id = item.get("id")
+        elif kind == "response.created":
+            stamps.setdefault("created", now)
+            self.response_id = (event.get("response") or {}).get("id")
+        elif kind == "response.done":
+            stamps["done"] = now
+            self.done = event
+            if not self.text:
+                self.text = "".join(self.deltas) or _output_text(self.response)
+            return "done"
+        elif kind == "error":
+            return "error"
+        return ""
+
+
+def _output_text(response: dict) -> str:
+    """The text of a GA response's output message (output_text parts)."""
+    for item in response.get("output") or []:
+        for part in (item or {}).get("content") or []:
+            if isinstance(part, dict) and part.get("type") in ("output_text", "text") and part.get("text"):
+                return part["text"]
+    return ""
 
 
 async def stream_pcm(conn: Connection, pcm: bytes, packet_ms: float = 20.0, speed: float = 1.0,
@@ -355,24 +563,39 @@ async def stream_pcm(conn: Connection, pcm: bytes, packet_ms: float = 20.0, spee
     return start + (sent_s / speed if speed > 0 else 0.0)
 
 
+def response_create(response: Optional[dict] = None) -> dict:
+    """A response.create event; `response`: per-response {instructions, max_output_tokens}."""
+    event: Dict[str, Any] = {"type": "response.create"}
+    if response:
+        event["response"] = dict(response)
+    return event
+
+
+def typed_item(text: str) -> dict:
+    """A conversation.item.create event: a typed user message (input_text)."""
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+
+
 async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20.0, speed: float = 1.0,
                    trailing_silence_ms: Optional[float] = None, as_json: bool = False,
                    on_event: Optional[Callable[[dict], None]] = None, timeout: float = 60.0,
-                   vad_grace_s: float = 10.0) -> TurnResult:
+                   vad_grace_s: float = 10.0, response: Optional[dict] = None) -> TurnResult:
     """Stream one utterance (float32 at the session rate) and receive events until response.done.
 
     server_vad sessions: the utterance is followed by `trailing_silence_ms` of zeros
     (default: the session's silence_duration_ms + 300) so the server's VAD ends the turn.
     manual sessions (turn_detection null): input_audio_buffer.commit + response.create
-    follow the last packet. Raises TurnFailed on an error event, a closed connection, a
-    timeout, or a VAD that heard no (end of) speech within `vad_grace_s` after the audio."""
+    (with `response`: per-response instructions / max_output_tokens) follow the last
+    packet. Raises TurnFailed on an error event, a closed connection, a timeout, or a
+    VAD that heard no (end of) speech within `vad_grace_s` after the audio."""
     result = TurnResult(audio_ms=1000.0 * audio.size / conn.rate)
     stamps = result.stamps
     manual = conn.manual
     pcm = float_to_pcm16(audio)
     if not manual:
         if trailing_silence_ms is None:
-            trailing_silence_ms = (conn.session.get("turn_detection") or {}).get("silence_duration_ms", 500) + 300
+            trailing_silence_ms = conn.silence_ms + 300
         silence = bytes(2 * int(conn.rate * trailing_silence_ms / 1000.0))
     speech_start_ms = conn.sent_ms
     deadline = time.monotonic() + timeout
@@ -384,13 +607,12 @@ async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20
         if manual:
             stamps["end"] = time.perf_counter()
             await conn.send_event({"type": "input_audio_buffer.commit"})
-            await conn.send_event({"type": "response.create"})
+            await conn.send_event(response_create(response))
         else:
             await stream_pcm(conn, silence, packet_ms, speed, as_json, end)
         stamps["sent"] = time.perf_counter()
 
     sender = asyncio.create_task(send())
-    deltas: List[str] = []
     try:
         while True:
             if sender.done() and sender.exception() is not None:
@@ -412,37 +634,14 @@ async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20
                 if exc.code == "timeout":
                     continue  # re-check the deadlines and the sender
                 raise
-            now = time.perf_counter()
-            result.events.append(event)
             if on_event is not None:
                 on_event(event)
-            kind = event.get("type")
-            if kind == "input_audio_buffer.speech_started":
-                stamps.setdefault("speech_started", now)
-            elif kind == "input_audio_buffer.speech_stopped":
-                stamps.setdefault("speech_stopped", now)
-                if not manual:
-                    # the reference point: when we sent the audio where the user stopped talking
-                    end_ms = max(float(event.get("audio_end_ms", conn.sent_ms)), speech_start_ms)
-                    stamps["end"] = conn.sent_at(end_ms) or now
-            elif kind == "input_audio_buffer.committed":
-                stamps.setdefault("committed", now)
-            elif kind == "response.created":
-                stamps.setdefault("created", now)
-            elif kind == "response.text.delta":
-                stamps.setdefault("first_delta", now)
-                deltas.append(event.get("delta", ""))
-            elif kind == "response.text.done":
-                result.text = event.get("text", "".join(deltas))
-            elif kind == "response.done":
-                stamps["done"] = now
-                result.done = event
-                if not result.text:
-                    result.text = "".join(deltas)
+            kind = result.observe(event, time.perf_counter(), None if manual else conn.sent_at, speech_start_ms)
+            if kind == "done":
                 break
-            elif kind == "error":
-                err = event.get("error", {})
-                raise TurnFailed(err.get("code", "error"), f"server error {err.get('code')}: {err.get('message')}")
+            if kind == "error":
+                err = error_of(event)
+                raise TurnFailed(err["code"], f"server error {describe_error(err)}", err)
     except BaseException:
         if not sender.done():
             sender.cancel()
@@ -456,6 +655,32 @@ async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20
     except ClientError:
         pass  # the reply is complete; a later turn on this connection reports the failure
     return result
+
+
+async def run_text_turn(conn: Connection, text: str, *, response: Optional[dict] = None,
+                        on_event: Optional[Callable[[dict], None]] = None, timeout: float = 60.0) -> TurnResult:
+    """A typed user turn: conversation.item.create (input_text) + response.create (with
+    `response`: per-response instructions / max_output_tokens), then events until
+    response.done. The reference point `end` of client_ms is when response.create left."""
+    result = TurnResult()
+    result.stamps["start"] = time.perf_counter()
+    await conn.send_event(typed_item(text))
+    await conn.send_event(response_create(response))
+    result.stamps["end"] = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    while True:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            raise TurnFailed("timeout", f"no response.done from {conn.url} within {timeout:g} s")
+        event = await conn.recv_event(wait)
+        if on_event is not None:
+            on_event(event)
+        kind = result.observe(event)
+        if kind == "done":
+            return result
+        if kind == "error":
+            err = error_of(event)
+            raise TurnFailed(err["code"], f"server error {describe_error(err)}", err)
 
 
 # -- numbers and tables -----------------------------------------------------------------

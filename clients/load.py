@@ -3,9 +3,10 @@
     python clients/load.py --callers 8 --duration 30
     python clients/load.py --url ws://127.0.0.1:9000/v1/realtime --callers 32 --duration 60 --budget-ms 1000 --json
 
-Each caller opens one conversation (server VAD, the server's defaults) and, in a
-loop, streams the same utterance (--wav, or a sentence spoken by espeak-ng) at
-real time in --packet-ms packets, then silence until the server's VAD ends the
+Each caller opens one conversation (server VAD, the server's defaults; its GA
+session.update declares 16 kHz audio, the model's rate) and, in a loop,
+streams the same utterance (--wav, or a sentence spoken by espeak-ng) at real
+time in --packet-ms packets, then silence until the server's VAD ends the
 turn, and waits for response.done before speaking again (it sends nothing
 while the reply runs). Caller starts are staggered over one utterance so their
 turns do not all end in the same instant.
@@ -49,6 +50,7 @@ if __package__ in (None, ""):  # run as `python clients/load.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clients.common import (  # noqa: E402
+    MODEL_RATE,
     ClientError,
     ServerRefused,
     TurnFailed,
@@ -100,8 +102,8 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
     if speed <= 0:
         raise ClientError("speed must be > 0 for a load test (callers talk in real time)")
     with tempfile.TemporaryDirectory(prefix="nestvox-load-") as tmp:
-        audio = read_audio(wav or synthesize_speech(text, tmp), 16000)
-    audio_s = audio.size / 16000
+        audio = read_audio(wav or synthesize_speech(text, tmp), MODEL_RATE)
+    audio_s = audio.size / MODEL_RATE
     engine_before = await asyncio.to_thread(engine_counters, url, token)
     t0 = time.monotonic()
     deadline = t0 + duration
@@ -127,14 +129,21 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
             errors.append({"caller": i, "code": getattr(exc, "code", "error"), "message": str(exc)})
             return
         me["status"] = "connected"
-        rate = conn.rate
-        if rate == 16000:
-            pcm_audio = audio
-        else:  # a server whose default input rate is not 16 kHz
-            import soxr
-
-            pcm_audio = soxr.resample(audio, 16000, rate).astype("float32")
-        silence_ms = (conn.session.get("turn_detection") or {}).get("silence_duration_ms", 500)
+        try:
+            if conn.rate != MODEL_RATE:  # the GA session's default is 24 kHz: declare ours
+                await conn.update(rate=MODEL_RATE, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+        except ServerRefused as exc:
+            me["status"] = "refused"
+            refusals.append({"caller": i, "code": exc.code, "message": str(exc)})
+            await conn.close()
+            return
+        except ClientError as exc:
+            me["status"] = "error"
+            errors.append({"caller": i, "code": getattr(exc, "code", "error"), "message": str(exc)})
+            await conn.close()
+            return
+        pcm_audio = audio
+        silence_ms = conn.silence_ms if conn.silence_ms is not None else 500
         sample["silence_ms"] = silence_ms
         trailing_ms = silence_ms + 300
         need_s = (audio_s + trailing_ms / 1000) / speed + budget_ms / 1000

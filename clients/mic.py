@@ -6,10 +6,12 @@
     python clients/mic.py --device "USB" --seconds 60 --instructions "Answer in one sentence."
 
 Captures 16 kHz mono int16 (sounddevice InputStream; --rate for a device that
-cannot do 16 kHz: the session's input_sample_rate is updated and the server
-resamples) in --block-ms blocks and streams them continuously as binary PCM16
-frames. The server's VAD finds the turns; replies are printed as they arrive,
-with the latency of each turn. Ctrl-C (or --seconds) ends the call and prints
+cannot do 16 kHz, and the server resamples) in --block-ms blocks and streams
+them continuously as binary PCM16 frames. The capture rate is declared in the
+GA session.update (audio.input.format {"type": "audio/pcm", "rate"}; the GA
+session's own rate is 24 kHz). The server's VAD finds the turns; replies
+(response.output_text.delta) are printed as they arrive, with the latency of
+each turn. Ctrl-C (or --seconds) ends the call and prints
 the latency percentiles over its turns.
 
 Exit codes: 0 done, 1 server problem (unreachable, refused, error), 2 no usable
@@ -28,10 +30,15 @@ if __package__ in (None, ""):  # run as `python clients/mic.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clients.common import (  # noqa: E402
+    MODEL_RATE,
+    TEXT_DELTA,
     ClientError,
     TurnResult,
     add_connection_args,
     connect,
+    describe_error,
+    describe_session,
+    error_of,
     printable,
     setup_stdout,
     summary_table,
@@ -95,7 +102,8 @@ def describe_turn(result: TurnResult) -> str:
             f"{ms(cli.get('speech_stopped_to_first_delta'))}]")
 
 
-async def run_mic(url: str, *, token: Optional[str] = None, device=None, rate: int = 16000, block_ms: float = 20.0,
+async def run_mic(url: str, *, token: Optional[str] = None, device=None, rate: int = MODEL_RATE,
+                  block_ms: float = 20.0,
                   chunk_ms: Optional[int] = None, instructions: Optional[str] = None,
                   seconds: Optional[float] = None, max_turns: Optional[int] = None,
                   turns: Optional[List[TurnResult]] = None, sd=None, out=None) -> List[TurnResult]:
@@ -108,7 +116,7 @@ async def run_mic(url: str, *, token: Optional[str] = None, device=None, rate: i
     async with conn:
         update = {}
         if rate != conn.rate:
-            update["input_sample_rate"] = rate
+            update["rate"] = rate
         if chunk_ms is not None:
             update["chunk_ms"] = chunk_ms
         if instructions is not None:
@@ -135,9 +143,7 @@ async def run_mic(url: str, *, token: Optional[str] = None, device=None, rate: i
             while True:
                 await conn.send_audio(await blocks.get())
 
-        s = conn.session
-        print(f"connected to {conn.url}: chunk {s.get('chunk_ms')} ms, input {s.get('input_sample_rate')} Hz; "
-              f"talk (Ctrl-C ends)", file=out, flush=True)
+        print(f"connected to {conn.url}: {describe_session(conn.session)}; talk (Ctrl-C ends)", file=out, flush=True)
         sender = asyncio.create_task(send())
         current = TurnResult()
         stop_at = None if seconds is None else time.monotonic() + seconds
@@ -155,34 +161,21 @@ async def run_mic(url: str, *, token: Optional[str] = None, device=None, rate: i
                         if getattr(exc, "code", "") == "timeout":
                             continue
                         raise
-                    now = time.perf_counter()
                     kind = event.get("type")
-                    current.events.append(event)
-                    if kind == "input_audio_buffer.speech_started":
-                        print("[listening]", file=out, flush=True)
-                    elif kind == "input_audio_buffer.speech_stopped":
-                        current.stamps["speech_stopped"] = now
-                        end = conn.sent_at(float(event.get("audio_end_ms", conn.sent_ms)))
-                        current.stamps["end"] = end if end is not None else now
-                    elif kind == "response.created":
-                        current.stamps["created"] = now
-                        print("assistant: ", end="", file=out, flush=True)
-                    elif kind == "response.text.delta":
-                        current.stamps.setdefault("first_delta", now)
+                    if kind in TEXT_DELTA:
                         print(printable(event.get("delta", "")), end="", file=out, flush=True)
-                    elif kind == "response.text.done":
-                        current.text = event.get("text", "")
-                    elif kind == "response.done":
-                        current.stamps["done"] = now
-                        current.done = event
+                    elif kind == "input_audio_buffer.speech_started":
+                        print("[listening]", file=out, flush=True)
+                    elif kind == "response.created":
+                        print("assistant: ", end="", file=out, flush=True)
+                    elif kind == "error":
+                        print(f"\n[server error {describe_error(error_of(event))}]", file=out, flush=True)
+                    if current.observe(event, time.perf_counter(), conn.sent_at) == "done":
                         print("\n" + describe_turn(current), file=out, flush=True)
                         turns.append(current)
                         current = TurnResult()
                         if max_turns is not None and len(turns) >= max_turns:
                             break
-                    elif kind == "error":
-                        err = event.get("error", {})
-                        print(f"\n[server error {err.get('code')}: {err.get('message')}]", file=out, flush=True)
         finally:
             sender.cancel()
             try:
@@ -199,7 +192,8 @@ def parse_args(argv=None):
     add_connection_args(p)
     p.add_argument("--device", default=None, help="input device index or part of its name (see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="print the audio devices and exit")
-    p.add_argument("--rate", type=int, default=16000, help="capture rate in Hz (default 16000)")
+    p.add_argument("--rate", type=int, default=MODEL_RATE,
+                   help=f"capture rate in Hz, declared to the server (default {MODEL_RATE}, the model's)")
     p.add_argument("--block-ms", type=float, default=20.0, help="audio per websocket frame (default 20)")
     p.add_argument("--chunk-ms", type=int, default=None, help="encoder chunk for this session (multiple of 80)")
     p.add_argument("--instructions", default=None, help="system prompt for this session")

@@ -5,17 +5,18 @@
     python clients/profile.py --speed 0 --mode vad --json
 
 For every chunk size, --repeats turns, each on a FRESH connection that first
-sends session.update {chunk_ms} (plus turn_detection null in the default
-manual mode), then streams the same audio (--wav, or a sentence spoken by
-espeak-ng into a temporary folder) at --speed x real time in --packet-ms
-packets and waits for response.done.
+sends a GA session.update (nestvox.chunk_ms, audio.input.format rate 16000:
+the model's rate, where the GA default is 24000; plus audio.input.turn_detection
+null in the default manual mode), then streams the same audio (--wav, or a
+sentence spoken by espeak-ng into a temporary folder) at --speed x real time
+in --packet-ms packets and waits for response.done.
 
 What the table reports (p50 / p90 over the repeats; numpy's linear
 interpolation, so with 3 repeats p90 lies between the two slowest turns):
 
   algo        the server's stated algorithmic latency for the chunk (chunk +
-              look-ahead, session.updated.algorithmic_latency_ms): how far the
-              encoder lags the audio WHILE the user speaks. Not a measurement, and
+              look-ahead, session.updated nestvox.algorithmic_latency_ms): how far
+              the encoder lags the audio WHILE the user speaks. Not a measurement, and
               not a floor for e2ft: at the end of a turn the server flushes the
               partial chunk at once instead of waiting for it to fill.
   e2ft        server: end of speech -> first token
@@ -28,7 +29,7 @@ interpolation, so with 3 repeats p90 lies between the two slowest turns):
               turn: it is the audio processing left when the user stopped, plus
               loopback transit. The server does not report a per-chunk compute
               time over the wire; this is the part a client can observe.
-  1st delta   client: end of the audio -> first response.text.delta arrives
+  1st delta   client: end of the audio -> first response.output_text.delta arrives
 
 "end of the audio" on the client: --mode manual (default): when the last audio
 packet was sent (input_audio_buffer.commit and response.create follow at once,
@@ -56,6 +57,7 @@ if __package__ in (None, ""):  # run as `python clients/profile.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clients.common import (  # noqa: E402
+    MODEL_RATE,
     ClientError,
     TurnResult,
     UpdateRefused,
@@ -102,11 +104,9 @@ async def profile(url: str, audio_path: str, chunks: Sequence[int] = DEFAULT_CHU
         for r in range(repeats):
             try:
                 async with await connect(url, token) as conn:
-                    update = {"chunk_ms": chunk}
-                    if mode == "manual":
-                        update["turn_detection"] = None
-                    session = await conn.update(**update)
-                    row["algorithmic_latency_ms"] = session.get("algorithmic_latency_ms")
+                    await conn.update(chunk_ms=chunk, rate=MODEL_RATE,
+                                      manual=True if mode == "manual" else None)
+                    row["algorithmic_latency_ms"] = conn.nestvox.get("algorithmic_latency_ms")
                     if audio is None or audio[0] != conn.rate:
                         audio = (conn.rate, read_audio(audio_path, conn.rate))
                     result = await run_turn(conn, audio[1], packet_ms=packet_ms, speed=speed, timeout=timeout)

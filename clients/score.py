@@ -10,7 +10,8 @@ manifest's `answer` (exact match, per intent, as `python -m agent.training.evalu
 streaming Session); this tool adds what only the server does: VAD turn ends
 (`suffix_padding_ms` and the other `turn_detection` settings), resampling,
 packetization. Audio is sent at --speed x real time (0 = as fast as possible),
-one utterance at a time. Prints the table, then the replies that differ from the
+one utterance at a time, at --rate (16 kHz by default, declared in the GA
+session.update). Prints the table, then the replies that differ from the
 answer; --json PATH writes every reply.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # run as `python clients/score.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from agent.training.evaluate import exact_match, format_table, score  # noqa: E402
-from clients.common import ClientError, add_connection_args, setup_stdout, token_from  # noqa: E402
+from clients.common import MODEL_RATE, ClientError, add_connection_args, setup_stdout, token_from  # noqa: E402
 from clients.file import stream_file  # noqa: E402
 
 
@@ -42,10 +43,10 @@ def read_items(manifest: str, limit: Optional[int]) -> List[dict]:
 
 
 async def score_server(url: str, items: List[dict], *, token: Optional[str] = None, manual: bool = False,
-                       speed: float = 0.0, progress: bool = True) -> List[dict]:
+                       speed: float = 0.0, rate: int = MODEL_RATE, progress: bool = True) -> List[dict]:
     records, right = [], 0
     for i, item in enumerate(items):
-        result = await stream_file(url, item["audio_filepath"], token=token, manual=manual, speed=speed)
+        result = await stream_file(url, item["audio_filepath"], token=token, manual=manual, speed=speed, rate=rate)
         records.append({"intent": item["intent"], "answer": item["answer"], "prediction": result.text,
                         "held_out": bool(item.get("held_out")), "text": item.get("text"),
                         "voice": item.get("voice")})
@@ -65,12 +66,15 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
     p.add_argument("--manual", action="store_true", help="manual turns (commit + response.create), no server VAD")
     p.add_argument("--speed", type=float, default=0.0, help="x real time; 0 = as fast as possible (default)")
+    p.add_argument("--rate", type=int, default=MODEL_RATE,
+                   help=f"send the audio at this rate (default {MODEL_RATE}: the server does not resample; "
+                   "24000: GA's PCM rate, resampled by the server)")
     p.add_argument("--json", default=None, help="write the table and every reply here")
     args = p.parse_args(argv)
     try:
         items = read_items(args.manifest, args.limit)
         records = asyncio.run(score_server(args.url, items, token=token_from(args), manual=args.manual,
-                                           speed=args.speed))
+                                           speed=args.speed, rate=args.rate))
     except (ClientError, OSError) as exc:
         print(f"score.py: {exc}", file=sys.stderr)
         return 1

@@ -130,6 +130,18 @@ def test_read_event_takes_dicts_and_typed_events():
     assert bench_load.read_event({"type": "error", "error": {"code": "x", "message": "y"}}) == \
         ("error", {"code": "x", "message": "y"})
     assert bench_load.read_event({"type": "response.created"})[0] == "other"
+    ga_done = {"type": "response.done", "event_id": "event_9", "response": {
+        "id": "resp_1", "object": "realtime.response", "status": "completed",
+        "usage": {"total_tokens": 10, "input_tokens": 7, "output_tokens": 3},
+        "latency_ms": {"speech_end_to_first_token": 5.0},
+        "output": [{"id": "item_2", "type": "message", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "hi there"}]}]}}
+    assert bench_load.read_event(ga_done) == bench_load.read_event(done)
+    assert bench_load.read_event({"type": "response.output_text.delta", "response_id": "resp_1", "item_id": "item_2",
+                                  "output_index": 0, "content_index": 0, "delta": "hi"}) == ("delta", {"delta": "hi"})
+    assert bench_load.read_event({"type": "error", "error": {"type": "invalid_request_error", "code": "x",
+                                                             "message": "y", "param": None}}) == \
+        ("error", {"code": "x", "message": "y"})
 
 
 def test_union_seconds_and_ratios():

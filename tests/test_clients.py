@@ -1,5 +1,6 @@
 """clients/: file streamer, profiler, load generator and mic client against the real
-server (serve.build_server with no --model: the embedded demo model) on loopback.
+server (serve.build_server with no --model: the embedded demo model) on loopback,
+in the server's default dialect (OpenAI Realtime GA).
 
 The servers run in a background thread with their own event loop, so the clients
 under test (in-process on pytest-asyncio's loop, or as subprocesses) talk to them
@@ -23,7 +24,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from clients import common, mic  # noqa: E402
-from clients.file import stream_file  # noqa: E402
+from clients.file import send_text, stream_file  # noqa: E402
 from clients.load import run_load  # noqa: E402
 from clients.profile import profile  # noqa: E402
 
@@ -97,23 +98,77 @@ def check_latency(latency_ms):
         <= latency_ms["speech_end_to_last_token"]
 
 
+# -- the GA session object --------------------------------------------------------------
+def test_session_update_builds_ga_session_objects():
+    assert common.session_update() == {"type": "realtime"}
+    assert common.session_update(rate=16000, manual=True, chunk_ms=320, temperature=0.7, instructions=None) == {
+        "type": "realtime", "instructions": None, "nestvox": {"chunk_ms": 320, "temperature": 0.7},
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}}
+    assert common.session_update(turn_detection={"type": "server_vad", "silence_duration_ms": 400},
+                                 max_output_tokens=20, top_p=0.9, max_turn_seconds=30) == {
+        "type": "realtime", "max_output_tokens": 20, "nestvox": {"top_p": 0.9, "max_turn_seconds": 30},
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 400}}}}
+    assert common.session_update(manual=False)["audio"]["input"]["turn_detection"] == {"type": "server_vad"}
+    session = {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 48000},
+                                                       "turn_detection": None}},
+               "nestvox": {"chunk_ms": 160, "algorithmic_latency_ms": 200.0}}
+    assert common.session_rate(session) == 48000 and common.session_turn_detection(session) is None
+    assert common.describe_session(session) == \
+        "chunk 160 ms (algorithmic latency 200.0 ms), input 48000 Hz, manual commit"
+    err = common.error_of({"type": "error", "error": {"type": "invalid_request_error", "code": "x", "message": "m",
+                                                      "param": "session.audio", "event_id": "e1"}})
+    assert err == {"type": "invalid_request_error", "code": "x", "message": "m", "param": "session.audio",
+                   "event_id": "e1"}
+    assert common.describe_error(err) == "x: m (param session.audio)"
+
+
+def check_ga_events(events):
+    """Every server event has an event_id; a response's events come in GA order and agree."""
+    assert all(isinstance(e.get("event_id"), str) and e["event_id"] for e in events), events
+    kinds = [e["type"] for e in events]
+    order = ["response.created", "response.output_item.added", "response.content_part.added",
+             "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+             "response.output_item.done", "response.done"]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    assert "response.text.delta" not in kinds and "error" not in kinds
+    response = events[-1]["response"]
+    assert events[-1]["type"] == "response.done" and response["object"] == "realtime.response"
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    done_text = next(e["text"] for e in events if e["type"] == "response.output_text.done")
+    item = response["output"][0]
+    assert item["role"] == "assistant" and item["content"][0]["type"] == "output_text"
+    assert deltas == done_text == item["content"][0]["text"]
+    usage = response["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] and usage["output_tokens"] >= 1
+    # the assistant item: added (in progress) and done (with the reply), as conversation items too
+    items = [e["item"] for e in events if e["type"] in ("conversation.item.added", "conversation.item.done")
+             and e["item"]["role"] == "assistant"]
+    assert [i["id"] for i in items] == [item["id"]] * 2 and items[1]["content"][0]["text"] == deltas
+    return deltas
+
+
 # -- file.py ----------------------------------------------------------------------------
 async def test_stream_file_server_vad(server, speech_wav):
     result = await stream_file(server.url, speech_wav, speed=0)
     kinds = [e["type"] for e in result.events]
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-             "input_audio_buffer.committed", "response.created", "response.text.delta",
-             "response.text.done", "response.done"]
+             "input_audio_buffer.committed", "conversation.item.added", "response.created",
+             "response.output_text.delta", "response.output_text.done", "response.done"]
     assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
-    assert "error" not in kinds
     assert result.done["type"] == "response.done" and kinds[-1] == "response.done"
     response = result.done["response"]
-    assert response["status"] in ("completed", "incomplete")
-    assert response["usage"]["output_tokens"] >= 1
+    assert response["status"] in ("completed", "incomplete") and result.status == response["status"]
+    assert response["usage"]["output_tokens"] >= 1 and result.usage == response["usage"]
     check_latency(result.latency_ms)
-    # the reply: deltas, text.done and response.done all agree
-    deltas = "".join(e["delta"] for e in result.events if e["type"] == "response.text.delta")
-    assert result.text and result.text == deltas == response["output"][0]["content"][0]["text"]
+    # the reply: deltas, output_text.done and response.done all agree
+    deltas = check_ga_events(result.events)
+    assert result.text and result.text == deltas
+    assert result.response_id == response["id"]
+    # the user's audio item: committed, then added to the conversation before the reply
+    committed = next(e for e in result.events if e["type"] == "input_audio_buffer.committed")
+    user = next(e["item"] for e in result.events if e["type"] == "conversation.item.added")
+    assert result.user_item_id == committed["item_id"] == user["id"]
+    assert user["role"] == "user" and user["content"][0]["type"] == "input_audio"
     # the VAD ended the turn inside the utterance's trailing part, not in our padding
     stopped = next(e for e in result.events if e["type"] == "input_audio_buffer.speech_stopped")
     assert 1000 < stopped["audio_end_ms"] <= result.audio_ms + 50
@@ -135,13 +190,58 @@ async def test_stream_file_manual_resampled(server, speech_wav, tmp_path):
     seen = []
     result = await stream_file(server.url, path, speed=0, manual=True, rate=48000, chunk_ms=320, on_event=seen.append)
     updated = next(e for e in seen if e["type"] == "session.updated")["session"]
-    assert updated["input_sample_rate"] == 48000 and updated["chunk_ms"] == 320 and updated["turn_detection"] is None
+    assert updated["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 48000}
+    assert updated["nestvox"]["chunk_ms"] == 320 and updated["audio"]["input"]["turn_detection"] is None
     kinds = [e["type"] for e in result.events]
     assert "input_audio_buffer.speech_started" not in kinds  # manual: no VAD events
     assert kinds.index("input_audio_buffer.committed") < kinds.index("response.created") < kinds.index("response.done")
     check_latency(result.latency_ms)
     assert abs(result.audio_ms - 1000 * data.size / rate) < 5
     assert result.client_ms["end_to_speech_stopped"] is None and result.client_ms["end_to_first_delta"] > 0
+
+
+async def test_stream_file_at_the_ga_rate_sends_no_update(server, speech_wav):
+    """rate=None: the audio goes at the GA session's own 24 kHz, no session.update."""
+    seen = []
+    result = await stream_file(server.url, speech_wav, speed=0, manual=False, rate=None, on_event=seen.append)
+    assert "session.updated" not in [e["type"] for e in seen]
+    assert seen[0]["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    check_ga_events(result.events)
+    stopped = next(e for e in result.events if e["type"] == "input_audio_buffer.speech_stopped")
+    assert 1000 < stopped["audio_end_ms"] <= result.audio_ms + 50  # 24 kHz audio, server times in ms
+
+
+async def test_typed_turn(server):
+    """send_text / file.py --text: conversation.item.create (input_text) + response.create."""
+    result = await send_text(server.url, "turn on the lights in the kitchen", max_output_tokens=8)
+    deltas = check_ga_events(result.events)
+    assert result.text == deltas and result.text
+    user = next(e["item"] for e in result.events if e["type"] == "conversation.item.added")
+    assert user["role"] == "user" and user["content"] == [{"type": "input_text",
+                                                           "text": "turn on the lights in the kitchen"}]
+    assert result.usage["output_tokens"] <= 8
+    c = result.client_ms
+    assert c["end_to_created"] <= c["end_to_first_delta"] <= c["end_to_done"]
+    proc = await asyncio.to_thread(run_cli, "clients/file.py", "--text", "turn on the lights in the kitchen",
+                                   server.url, "--max-output-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "assistant: " + common.printable(result.text) in proc.stdout.splitlines()  # temperature 0
+    proc = await asyncio.to_thread(run_cli, "clients/file.py", "--url", server.url)
+    assert proc.returncode == 2 and "--text" in proc.stderr
+
+
+async def test_refused_update_parses_the_ga_error(server):
+    conn = await common.connect(server.url)
+    async with conn:
+        with pytest.raises(common.UpdateRefused) as err:
+            await conn.update(chunk_ms=100)
+        exc = err.value
+        assert exc.code == "invalid_session_config" and exc.error["type"] == "invalid_request_error"
+        assert "chunk_ms" in (exc.param or "") and "multiple of 80" in str(exc)
+        assert exc.error["event_id"].startswith("evt_client_")  # the session.update it answers
+        assert conn.session["nestvox"]["chunk_ms"] != 100  # nothing changed
+        session = await conn.update(rate=16000, manual=True, instructions="Answer briefly.")
+        assert conn.rate == 16000 and conn.manual and session["instructions"] == "Answer briefly."
 
 
 async def test_file_cli_prints_reply(server, speech_wav):
@@ -268,7 +368,10 @@ async def test_auth(small_server):
     assert err.value.code == "unauthorized"
     conn = await common.connect(small_server.url, token=TOKEN)
     async with conn:
-        assert conn.session["input_sample_rate"] == 16000
+        session = conn.session
+        assert session["type"] == "realtime" and session["object"] == "realtime.session"
+        assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000} and conn.rate == 24000
+        assert 16000 in session["nestvox"]["input_rates"] and not conn.manual
 
 
 async def test_load_refuses_third_caller(small_server, speech_wav):
