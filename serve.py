@@ -81,6 +81,27 @@ def parse_args(argv=None):
                    help="serve a full-context encoder (not converted with agent.training.streamify) as is: "
                         "streamed features then only approximate the offline ones")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install -e .[ray]; without --replicas, no Ray)")
+    ray.add_argument("--replicas", type=int, default=env("REPLICAS", 0),
+                     help="serve with this many engine replicas on Ray Serve (the initial count when autoscaled)")
+    ray.add_argument("--ray-address", default=env("RAY_ADDRESS", None),
+                     help="join this Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start a local Ray")
+    ray.add_argument("--min-replicas", type=int, default=env("MIN_REPLICAS", None),
+                     help="autoscale by active sessions, down to this many replicas")
+    ray.add_argument("--max-replicas", type=int, default=env("MAX_REPLICAS", None),
+                     help="autoscale by active sessions, up to this many replicas")
+    ray.add_argument("--target-sessions", type=float, default=env("TARGET_SESSIONS", 0.0),
+                     help="autoscaling target of sessions per replica (default: 3/4 of --max-sessions)")
+    ray.add_argument("--upscale-delay-s", type=float, default=env("UPSCALE_DELAY_S", 30.0))
+    ray.add_argument("--downscale-delay-s", type=float, default=env("DOWNSCALE_DELAY_S", 600.0))
+    ray.add_argument("--drain-timeout-s", type=float, default=env("DRAIN_TIMEOUT_S", 300.0),
+                     help="a replica being removed waits this long for its conversations to end")
+    ray.add_argument("--replica-cpus", type=float, default=env("REPLICA_CPUS", 1.0),
+                     help="Ray num_cpus per replica (also its torch threads)")
+    ray.add_argument("--replica-gpus", type=float, default=env("REPLICA_GPUS", 1.0),
+                     help="Ray num_gpus per replica with --device cuda")
+    ray.add_argument("--ray-num-cpus", type=int, default=env("RAY_NUM_CPUS", None),
+                     help="CPUs of the local Ray started without --ray-address (default: the machine's)")
     return p.parse_args(argv)
 
 
@@ -194,12 +215,29 @@ async def main_async(args) -> None:
     await server.stop()
 
 
+def run_on_ray(args) -> None:
+    """--replicas N: the same engine in N Ray Serve replicas (agent/realtime/ray_serve.py)."""
+    import importlib.util
+
+    if args.replicas < 1:
+        raise SystemExit(f"error: --replicas must be >= 1, got {args.replicas}")
+    if any(importlib.util.find_spec(m) is None for m in ("ray", "fastapi")) or \
+            importlib.util.find_spec("ray.serve") is None:
+        raise SystemExit("error: --replicas needs Ray Serve, which is not installed: pip install -e .[ray]")
+    device_and_dtype(args)  # a bad --device/--dtype fails here, not in every replica
+    from agent.realtime.ray_serve import run
+
+    run(args)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("nemo_logger", "websockets.server", "nv_one_logger"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.replicas:
+        return run_on_ray(args)
     try:
         asyncio.run(main_async(args))
     except KeyboardInterrupt:
