@@ -19,7 +19,7 @@ from agent.realtime import ray_serve
 
 SR = 16000
 SYSTEM = "Answer briefly."
-TOKENS = 64  # the session default (max_response_output_tokens): no session.update needed
+TOKENS = 10  # short replies: a random-weight model's long ones can flip on float near-ties
 
 
 def free_port() -> int:
@@ -110,6 +110,8 @@ async def open_session(url):
     ws = await connect(url)
     created = json.loads(await ws.recv())
     assert created["type"] == "session.created", created
+    await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": TOKENS}}))
+    await recv_until(ws, "session.updated")
     return ws
 
 
@@ -151,8 +153,8 @@ async def test_callers_spread_over_replicas_and_replies_equal_the_offline_model(
     assert "nestvox_replicas 2" in metrics and metrics.count("# TYPE nestvox_sessions_total counter") == 1
     for r in h["replicas"]:  # per replica, labelled
         assert f'nestvox_sessions_total{{replica="{r["id"]}"}} 2' in metrics
-        assert f'nestvox_sessions_rejected_total{{replica="{r["id"]}",reason="full"}}' in metrics or \
-            f'nestvox_turns_total{{replica="{r["id"]}"}} 2' in metrics
+        assert f'nestvox_turns_total{{replica="{r["id"]}"}} 2' in metrics
+    assert metrics.count('reason="full"} 1') == 1  # the fifth caller, on one of them
 
 
 async def test_killed_replica_closes_its_callers_others_continue_and_serve_replaces_it(app, streaming_inference,
