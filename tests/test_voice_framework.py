@@ -168,10 +168,8 @@ def reply_text(events) -> str:
     return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
 
 
-# Remove once the server echoes response.create's `response.metadata` in response.created (and
-# response.done), as OpenAI's does: LiveKit's generate_reply() waits for it.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="server: response.created lacks response.create's response.metadata")
+# LiveKit's generate_reply() finds its response by the metadata of its response.create, which the
+# server echoes in response.created / response.done.
 async def test_livekit_realtime_manual_turn(server, inference, speech24):
     """push_audio + commit_audio + generate_reply: LiveKit's own turn detection, the server's off."""
     text, sent, received = await livekit_turn(server.url, speech24, server_vad=False)

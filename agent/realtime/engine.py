@@ -316,9 +316,9 @@ class Engine:
             if what == "close":
                 self._close(sid)
             elif what == "commit":
-                self._guard(live, live.commit)
+                self._guard(live, live.commit, payload)
             elif what == "clear":
-                self._guard(live, live.clear)
+                self._guard(live, live.clear, payload)
             elif what == "response":
                 self._guard(live, live.request_reply, payload)
             elif what == "cancel":

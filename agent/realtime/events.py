@@ -59,6 +59,7 @@ class ItemDeletedEvent:
 class ResponseCreatedEvent:
     response_id: str
     max_output_tokens: int = 0
+    ref: Optional[str] = None  # the response.create's, None for a response the server VAD started
 
 
 @dataclass(frozen=True)

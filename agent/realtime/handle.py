@@ -27,11 +27,11 @@ class SessionHandle:
         """16 kHz mono float32 samples."""
         self.engine.submit(self.id, "append", np.asarray(samples, dtype=np.float32))
 
-    def commit(self) -> None:
-        self.engine.submit(self.id, "commit")
+    def commit(self, ref: Optional[str] = None) -> None:
+        self.engine.submit(self.id, "commit", ref)
 
-    def clear(self) -> None:
-        self.engine.submit(self.id, "clear")
+    def clear(self, ref: Optional[str] = None) -> None:
+        self.engine.submit(self.id, "clear", ref)
 
     def create_response(self, instructions: Optional[str] = None, max_output_tokens: Optional[int] = None,
                         ref: Optional[str] = None) -> None:

@@ -231,14 +231,14 @@ class LiveSession:
         elif self.phase is Phase.LISTENING:
             self._end_at(event.end, respond)
 
-    def commit(self) -> None:
+    def commit(self, ref: Optional[str] = None) -> None:
         self.rollback_speculation()  # the committed turn includes the pause's audio
         respond = not self.manual and self.config.turn_detection.create_response
         if self.queued is not None:  # a reply is still running: the turn follows it
             self.queued.end, self.queued.respond = self.detector.commit().sample, respond
             return
         if self.phase not in (Phase.LISTENING, Phase.ENDING) or self.detector.samples <= self.turn.start:
-            self._error("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit")
+            self._error("input_audio_buffer_commit_empty", "there is no uncommitted audio to commit", ref)
             return
         self.speech_end_time = time.perf_counter()
         end = self.detector.commit().sample
@@ -247,7 +247,7 @@ class LiveSession:
         else:
             self._end_at(end, respond)
 
-    def clear(self) -> None:
+    def clear(self, ref: Optional[str] = None) -> None:
         self.rollback_speculation()
         self.queued = None
         self.detector.clear()
@@ -441,7 +441,7 @@ class LiveSession:
         self._enter(Phase.REPLYING)
         self.reply = ReplyRun(f"resp_{next(_response_ids)}", steps)
         self.detector.reply_active = True
-        self.emit(ev.ResponseCreatedEvent(self.reply.response_id, settings.max_new_tokens))
+        self.emit(ev.ResponseCreatedEvent(self.reply.response_id, settings.max_new_tokens, options.ref))
 
     def cancel_reply(self, ref: Optional[str] = None) -> None:
         if self.phase is not Phase.REPLYING:

@@ -104,7 +104,7 @@ class Connection:
 
     def describe(self) -> dict:
         streamer = self.server.engine.streamer_for(self.config.chunk_ms)
-        return self.out.session(self.handle.id, self.config, self.wire, streamer.chunk_ms, streamer.latency_ms,
+        return self.out.session(self.handle.id, self.config, self.wire, int(streamer.chunk_ms), streamer.latency_ms,
                                 self.server.model_name)
 
     async def send(self, event: dict) -> None:
@@ -190,10 +190,10 @@ class Connection:
         self.append(decode_append(event), event.event_id)
 
     async def on_input_audio_buffer_commit(self, event) -> None:
-        self.handle.commit()
+        self.handle.commit(ref=event.event_id)
 
     async def on_input_audio_buffer_clear(self, event) -> None:
-        self.handle.clear()
+        self.handle.clear(ref=event.event_id)
 
     async def on_response_create(self, event: schema.ResponseCreate) -> None:
         options = event.response
@@ -201,6 +201,7 @@ class Connection:
             raise ProtocolError("invalid_event", "audio replies are not available on this server",
                                 event.event_id, "response.output_modalities")
         instructions, tokens = response_options(event, self.config)
+        self.out.response_requested(event.event_id, options.metadata if options is not None else None)
         self.handle.create_response(instructions, tokens, ref=event.event_id)
 
     async def on_response_cancel(self, event: schema.ResponseCancel) -> None:

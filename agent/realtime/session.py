@@ -269,9 +269,12 @@ class Session:
         if role == "assistant":
             if self.reply_start is None or self.reply_start > self.llm.positions:
                 raise ValueError("the reply is no longer in the cache")
-            self.llm.truncate(self.reply_start)
             self.history.pop()
-            self.header_positions = len(generation_header_ids(self.tokenizer, self.history, self.system_prompt))
+            header = generation_header_ids(self.tokenizer, self.history, self.system_prompt)
+            # the header's last token again: its logits start the next reply
+            self.llm.truncate(self.reply_start - 1)
+            self.llm.prefill_ids(header[-1:])
+            self.header_positions = len(header)
             self.reply_start = None
             now = time.perf_counter()
             self.turn.times = TurnTimes(speech_end=now, encoder_done=now)
@@ -381,6 +384,7 @@ class Session:
             self.llm.prefill_ids(extra)
         self.header_positions = 0
         usage["input_tokens"] = self.llm.positions
+        self._cancel = None  # here, not in the generator: a cancel may come before its first step
         return self._decode(settings, restart_at, usage)
 
     def _decode(self, settings: GenerationSettings, restart_at: Optional[int], usage: dict) -> Iterator[str]:
@@ -390,7 +394,6 @@ class Session:
         reply_start = self.llm.positions
         emitted: List[int] = []
         status, reason = "completed", None
-        self._cancel = None
         while True:
             if self._cancel:
                 status, reason = "cancelled", self._cancel

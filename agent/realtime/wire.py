@@ -49,6 +49,7 @@ class ResponseState:
     response_id: str
     item_id: str
     text: List[str] = field(default_factory=list)
+    metadata: Optional[dict] = None
 
 
 class ServerEvents:
@@ -61,6 +62,7 @@ class ServerEvents:
         self._item_ids = itertools.count(1)
         # a command's ref (a typed item's id, a deleted item's id) -> the client's event_id
         self._refs: Dict[str, Optional[str]] = {}
+        self._metadata: Dict[Optional[str], dict] = {}  # response.create's event_id -> its metadata
 
     def stamp(self, event: dict) -> dict:
         event.setdefault("event_id", f"event_{next(self._event_ids)}")
@@ -87,6 +89,12 @@ class ServerEvents:
         self._refs[item_id] = event_id
         return item_id
 
+    def response_requested(self, event_id: Optional[str], metadata: Optional[dict]) -> None:
+        """response.create's `metadata` comes back in its response.created / .done (clients
+        such as LiveKit Agents find their response by it)."""
+        if metadata is not None:
+            self._metadata[event_id] = metadata
+
     def deleting(self, item_id: str, event_id: Optional[str]) -> None:
         self._refs[item_id] = event_id
 
@@ -99,6 +107,7 @@ class ServerEvents:
     def _error(self, event: ev.ErrorEvent) -> dict:
         # an engine error about a command carries that command's ref: the client's event_id
         event_id = self._refs.pop(event.ref) if event.ref in self._refs else event.ref
+        self._metadata.pop(event.ref, None)  # a refused response.create
         return error_event(event.code, event.message, event_id)
 
 
@@ -173,7 +182,8 @@ class GAEvents(ServerEvents):
                 self.items.remove(event.ref)
             return [{"type": "conversation.item.deleted", "item_id": event.ref}]
         if isinstance(event, ev.ResponseCreatedEvent):
-            r = self.response = ResponseState(event.response_id, self.new_item_id())
+            r = self.response = ResponseState(event.response_id, self.new_item_id(),
+                                              metadata=self._metadata.pop(event.ref, None))
             item = self._assistant_item(r.item_id, "in_progress", None)
             previous = self.last_item
             self.items.append(r.item_id)
@@ -182,7 +192,7 @@ class GAEvents(ServerEvents):
                 {"type": "response.created", "response": {
                     "id": r.response_id, "object": "realtime.response", "status": "in_progress",
                     "status_details": None, "output": [], "conversation_id": "conv_1",
-                    "output_modalities": list(self.output_modalities),
+                    "output_modalities": list(self.output_modalities), "metadata": r.metadata,
                     "max_output_tokens": event.max_output_tokens or self.max_output_tokens, "usage": None}},
                 {"type": "response.output_item.added", "response_id": r.response_id, "output_index": 0,
                  "item": item},
@@ -205,8 +215,8 @@ class GAEvents(ServerEvents):
                 {"type": "response.done", "response": {
                     "id": r.response_id, "object": "realtime.response", "status": event.status,
                     "status_details": _status_details(event), "output": [item], "conversation_id": "conv_1",
-                    "output_modalities": list(self.output_modalities), "usage": _usage(event),
-                    "latency_ms": event.latency_ms}},
+                    "output_modalities": list(self.output_modalities), "metadata": r.metadata,
+                    "usage": _usage(event), "latency_ms": event.latency_ms}},
             ]
         if isinstance(event, ev.ErrorEvent):
             return [self._error(event)]
