@@ -317,7 +317,8 @@ async def test_serve_streams_swapped_student_checkpoint(streamified, full_checkp
         async with connect(server.url) as ws:
             await ws.recv()
             await ws.send(json.dumps({"type": "session.update", "session": {
-                "turn_detection": None, "max_response_output_tokens": 6}}))
+                "type": "realtime", "max_output_tokens": 6,
+                "audio": {"input": {"turn_detection": None, "format": {"type": "audio/pcm", "rate": 16000}}}}}))
             for i in range(0, len(pcm), 1600):
                 await ws.send(pcm[i:i + 1600].tobytes())
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))

@@ -327,6 +327,8 @@ class Engine:
                 self._guard(live, live.add_text, *payload)
             elif what == "delete":
                 self._guard(live, live.delete_last, *payload)
+            elif what == "truncate":
+                self._guard(live, live.truncate_reply, *payload)
             elif what == "update":
                 self._guard(live, self._update, live, payload)
         if heard:

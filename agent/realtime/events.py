@@ -56,10 +56,19 @@ class ItemDeletedEvent:
 
 
 @dataclass(frozen=True)
+class ItemTruncatedEvent:
+    """The latest reply was cut to what the user heard (history and KV cache)."""
+
+    text: str
+    ref: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class ResponseCreatedEvent:
     response_id: str
     max_output_tokens: int = 0
     ref: Optional[str] = None  # the response.create's, None for a response the server VAD started
+    speech_end: Optional[float] = None  # perf_counter of the end of the user's speech (or commit)
 
 
 @dataclass(frozen=True)
@@ -83,4 +92,4 @@ class ResponseDoneEvent:
 
 
 EngineEvent = Union[ErrorEvent, SpeechStartedEvent, SpeechStoppedEvent, CommittedEvent, ClearedEvent,
-                    UserTextAddedEvent, ItemDeletedEvent, ResponseCreatedEvent, TextDeltaEvent, ResponseDoneEvent]
+                    UserTextAddedEvent, ItemDeletedEvent, ItemTruncatedEvent, ResponseCreatedEvent, TextDeltaEvent, ResponseDoneEvent]

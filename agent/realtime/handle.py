@@ -23,6 +23,11 @@ class SessionHandle:
         except RuntimeError:  # the loop is gone: nobody listens any more
             pass
 
+    def post(self, event) -> None:
+        """Put a connection-side event (spoken-reply audio) into the same queue as the
+        engine's, so the two stay in order. Thread-safe."""
+        self._emit(event)
+
     def append_audio(self, samples: np.ndarray) -> None:
         """16 kHz mono float32 samples."""
         self.engine.submit(self.id, "append", np.asarray(samples, dtype=np.float32))
@@ -44,6 +49,10 @@ class SessionHandle:
     def add_text(self, text: str, ref: Optional[str] = None) -> None:
         """A typed user message (answered on create_response)."""
         self.engine.submit(self.id, "text", (text, ref))
+
+    def truncate_reply(self, text: str, ref: Optional[str] = None) -> None:
+        """Cut the latest reply to `text` (what the user heard of its audio)."""
+        self.engine.submit(self.id, "truncate", (text, ref))
 
     def delete_last(self, role: str, ref: Optional[str] = None) -> None:
         """Delete the conversation's most recent message, of `role`."""

@@ -412,6 +412,21 @@ class LiveSession:
         self._enter(Phase.WAITING if role == "assistant" else Phase.IDLE)
         self.emit(ev.ItemDeletedEvent(role, ref))
 
+    def truncate_reply(self, text: str, ref: Optional[str] = None) -> None:
+        """conversation.item.truncate of the latest reply: it becomes `text` (what the user
+        heard), in the history and the KV cache, even while the user's next turn is open."""
+        if self.phase in (Phase.ENDING, Phase.REPLYING):
+            self._error("item_truncate_not_possible", "the next turn has already ended: truncate the reply "
+                                                      "while the user is still speaking or before", ref)
+            return
+        self.rollback_speculation()  # its snapshot holds positions the truncation moves
+        try:
+            self.session.truncate_reply(text)
+        except ValueError as exc:
+            self._error("item_truncate_not_possible", str(exc), ref)
+            return
+        self.emit(ev.ItemTruncatedEvent(text, ref))
+
     # -- replies -----------------------------------------------------------------
     def request_reply(self, options: Optional[ReplyOptions] = None) -> None:
         """response.create from the client."""
@@ -441,7 +456,8 @@ class LiveSession:
         self._enter(Phase.REPLYING)
         self.reply = ReplyRun(f"resp_{next(_response_ids)}", steps)
         self.detector.reply_active = True
-        self.emit(ev.ResponseCreatedEvent(self.reply.response_id, settings.max_new_tokens, options.ref))
+        self.emit(ev.ResponseCreatedEvent(self.reply.response_id, settings.max_new_tokens, options.ref,
+                                          self.session.turn.times.speech_end))
 
     def cancel_reply(self, ref: Optional[str] = None) -> None:
         if self.phase is not Phase.REPLYING:

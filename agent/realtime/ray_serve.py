@@ -274,7 +274,7 @@ class NestvoxReplica:
         self.replica_id = ctx.replica_id.unique_id
         self.started = time.time()
         self.server, self.streamer = serve_cli().build_server(self.args)
-        self.server.engine.start()  # the engine thread; Serve's proxy is the listener
+        self.server.start_engine()  # the engine thread and the TTS worker; Serve's proxy is the listener
         self.device = f"{self.streamer.device} {self.streamer.dtype} ({torch.get_num_threads()} torch threads)"
         self.node = ray.get_runtime_context().get_node_id()
         self.registry = serve.get_deployment_actor(REGISTRY)

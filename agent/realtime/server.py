@@ -10,6 +10,7 @@ connection stays open; a vanished client frees its session.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import json
@@ -17,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import List, Optional
+from typing import Dict, List, Optional
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -25,7 +26,17 @@ import numpy as np
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
 from agent.realtime.metrics import BATCH_BUCKETS, Metrics
+from agent.realtime import events as ev
 from agent.realtime import schema
+from agent.realtime.speech_out import (
+    SpeechAudio,
+    SpeechDone,
+    SpeechFailed,
+    SpokenReply,
+    encode_g711,
+    open_spoken_reply,
+    tts_voice,
+)
 from agent.realtime.protocol import (
     ProtocolError,
     WireSettings,
@@ -55,6 +66,8 @@ class ServerConfig:
     allowed_origins: Optional[List[str]] = None  # None: any Origin (non-browser clients send none)
     require_session_update: bool = False  # audio before the first session.update is an error
     session: SessionConfig = field(default_factory=SessionConfig)
+    tts: Optional[str] = "espeak"  # spoken replies' engine (agent.tts.build_tts); None: text replies only
+    tts_options: Dict[str, object] = field(default_factory=dict)
 
 
 def browser_page() -> Optional[str]:
@@ -101,6 +114,9 @@ class Connection:
         self.resampler = Resampler(self.wire.input_sample_rate)
         self.updated = False
         self.handle = None
+        self.speech: Optional[SpokenReply] = None  # the spoken reply in progress
+        self.spoken: Dict[str, SpokenReply] = {}  # the latest spoken reply by item id (for truncate)
+        self.deferred: List[object] = []  # engine events held while a finished reply's audio completes
 
     def describe(self) -> dict:
         streamer = self.server.engine.streamer_for(self.config.chunk_ms)
@@ -137,13 +153,105 @@ class Connection:
             self.handle.close()  # frees the session's caches, even mid-turn
 
     async def forward_events(self) -> None:
-        while True:
-            for event in self.out.to_wire(await self.handle.next_event()):
-                self.count(event)
-                try:
-                    await self.ws.send(json.dumps(event))
-                except Exception:  # the client is gone; the reader's finally cleans up
-                    return
+        try:
+            while True:
+                await self.dispatch(await self.handle.next_event())
+        except Exception:  # the client is gone; the reader's finally cleans up
+            if self.speech is not None:
+                self.speech.stream.cancel()
+
+    async def emit(self, events: List[dict]) -> None:
+        for event in events:
+            self.count(event)
+            await self.ws.send(json.dumps(event))
+
+    async def dispatch(self, event) -> None:
+        """One engine event (or spoken-reply event) -> the client's events."""
+        if isinstance(event, (SpeechAudio, SpeechDone, SpeechFailed)):
+            await self.on_speech(event)
+            return
+        speech = self.speech
+        if speech is not None and speech.held is not None:  # a finished reply's audio is still coming
+            if isinstance(event, ev.SpeechStartedEvent) and self.config.turn_detection.interrupt_response:
+                await self.stop_speech("turn_detected")  # barge-in: its audio stops; then the event
+            else:
+                self.deferred.append(event)
+                return
+        if speech is not None:
+            if isinstance(event, ev.TextDeltaEvent) and event.response_id == speech.response_id:
+                speech.stream.push_text(event.delta)
+                return
+            if isinstance(event, ev.ResponseDoneEvent) and event.response_id == speech.response_id:
+                speech.held = event
+                if speech.cancelled or speech.failed or event.status == "cancelled":
+                    await self.stop_speech(speech.cancelled or "turn_detected")
+                else:
+                    speech.stream.finish()
+                return
+            if isinstance(event, ev.SpeechStartedEvent) and self.config.turn_detection.interrupt_response:
+                speech.stream.cancel()  # the engine cancels the reply too; its done finishes this
+                speech.cancelled = "turn_detected"
+        await self.emit(self.out.to_wire(event))
+        if isinstance(event, ev.ResponseCreatedEvent) and getattr(self.out, "speaking", False):
+            self.start_speech(event)
+
+    # -- spoken replies ---------------------------------------------------------------------
+    def start_speech(self, event: ev.ResponseCreatedEvent) -> None:
+        w = self.wire
+        self.speech = open_spoken_reply(self.server.tts, event.response_id, w.output_sample_rate, w.voice, w.speed,
+                                        self.handle.post, event.speech_end)
+
+    async def on_speech(self, event) -> None:
+        speech = self.speech
+        if speech is None or event.response_id != speech.response_id or speech.cancelled:
+            return  # a cancelled stream's late word
+        if isinstance(event, SpeechAudio):
+            speech.on_audio(event)
+            if event.piece:
+                await self.emit([self.out.transcript_delta(event.piece)])
+            if event.pcm16:
+                pcm = event.pcm16 if self.wire.output_format == "pcm16" else encode_g711(event.pcm16,
+                                                                                         self.wire.output_format)
+                await self.emit([self.out.audio_delta(base64.b64encode(pcm).decode())])
+        elif isinstance(event, SpeechFailed):
+            speech.failed = event.error
+            self.server.metrics.inc("nestvox_errors_total", code="tts_failed")
+            await self.emit([self.out.error("tts_failed", f"speech synthesis failed ({event.error}); the reply "
+                                                          f"continues as its transcript only")])
+            if speech.held is not None:
+                await self.finish_speech()
+        elif speech.held is not None:  # SpeechDone
+            await self.finish_speech()
+
+    async def stop_speech(self, reason: str) -> None:
+        """Stop the reply's audio (barge-in, output_audio_buffer.clear)."""
+        speech = self.speech
+        speech.stream.cancel()
+        speech.cancelled = speech.cancelled or reason
+        if speech.held is not None:
+            await self.finish_speech()
+
+    async def finish_speech(self) -> None:
+        """The reply's audio is complete (or stopped): its done events, then what waited."""
+        speech, done = self.speech, self.speech.held
+        self.speech = None
+        if speech.cancelled:
+            text = speech.transcript
+            status, reason = ("cancelled", speech.cancelled) if done.status == "completed" else (done.status,
+                                                                                                 done.reason)
+        else:
+            text, status, reason = done.text, done.status, done.reason
+            rest = done.text[len(speech.transcript):] if done.text.startswith(speech.transcript) else ""
+            if speech.failed and rest:  # the text reply still arrives, as its transcript
+                await self.emit([self.out.transcript_delta(rest)])
+        latency = {**done.latency_ms, "speech_end_to_first_audio": speech.first_audio_ms()}
+        item_id = self.out.response.item_id
+        await self.emit(self.out.to_wire(dataclasses.replace(done, text=text, status=status, reason=reason,
+                                                             latency_ms=latency)))
+        self.spoken = {item_id: speech}
+        deferred, self.deferred = self.deferred, []
+        for event in deferred:
+            await self.dispatch(event)
 
     def count(self, event: dict) -> None:
         metrics = self.server.metrics
@@ -176,15 +284,31 @@ class Connection:
         patch = session_patch(self.wire.dialect, event.session, event.event_id)
         config, wire = apply_session_update(patch, self.config, self.wire, self.server.engine.streamer_for,
                                             event.event_id)
-        if "audio" in wire.output_modalities:
-            raise ProtocolError("invalid_session_config", "audio replies are not available on this server: use "
-                                "output_modalities [\"text\"]", event.event_id,
-                                "session.output_modalities" if self.wire.dialect == "ga" else "session.modalities")
+        self.check_audio(wire, patch, event.event_id)
         if wire.input_sample_rate != self.wire.input_sample_rate:
             self.resampler = Resampler(wire.input_sample_rate)
         self.config, self.wire, self.updated = config, wire, True
         self.handle.update(config)
         await self.send({"type": "session.updated", "session": self.describe()})
+
+    def check_audio(self, wire: WireSettings, patch, event_id) -> None:
+        """Spoken replies need the TTS stage (and GA's audio events); a voice must be one it has."""
+        ga = self.wire.dialect == "ga"
+        if "audio" in wire.output_modalities:
+            why = None if ga else "spoken replies need the GA dialect (response.output_audio.*)"
+            why = why or (None if self.server.tts is not None else "this server runs without a TTS engine "
+                          "(serve.py --tts none)")
+            if why:
+                raise ProtocolError("invalid_session_config", f"audio replies are not available: {why}; use "
+                                    f"output_modalities [\"text\"]", event_id,
+                                    "session.output_modalities" if ga else "session.modalities")
+        if "voice" in patch and self.server.tts is not None and wire.voice is not None:
+            from agent.tts import TTSError
+
+            try:
+                self.server.tts.engine.check_voice(tts_voice(wire.voice))
+            except TTSError as exc:
+                raise ProtocolError("invalid_session_config", str(exc), event_id, patch["voice"][1]) from None
 
     async def on_input_audio_buffer_append(self, event: schema.Append) -> None:
         self.append(decode_append(event), event.event_id)
@@ -197,11 +321,12 @@ class Connection:
 
     async def on_response_create(self, event: schema.ResponseCreate) -> None:
         options = event.response
-        if options is not None and "audio" in (options.output_modalities or options.modalities or []):
-            raise ProtocolError("invalid_event", "audio replies are not available on this server",
-                                event.event_id, "response.output_modalities")
+        modalities = tuple(options.output_modalities or options.modalities or ()) if options else ()
+        if modalities:
+            self.check_audio(dataclasses.replace(self.wire, output_modalities=modalities), {}, event.event_id)
         instructions, tokens = response_options(event, self.config)
-        self.out.response_requested(event.event_id, options.metadata if options is not None else None)
+        self.out.response_requested(event.event_id, options.metadata if options is not None else None,
+                                    modalities or None)
         self.handle.create_response(instructions, tokens, ref=event.event_id)
 
     async def on_response_cancel(self, event: schema.ResponseCancel) -> None:
@@ -231,13 +356,32 @@ class Connection:
         self.handle.delete_last(self.out.role_of(event.item_id), ref=event.item_id)
 
     async def on_conversation_item_truncate(self, event: schema.ItemTruncate) -> None:
-        raise ProtocolError("item_truncate_not_supported", "conversation.item.truncate cuts an assistant item's "
-                            "audio to what was played, and this server's replies are text only", event.event_id,
-                            "item_id")
+        """The client played `audio_end_ms` of the reply's audio: the reply (in the history
+        and the KV cache) becomes the text heard by then."""
+        out = self.out
+        speech = self.spoken.get(event.item_id)
+        current = self.speech is not None and out.response is not None and out.response.item_id == event.item_id
+        if not current and speech is None:
+            known = event.item_id in getattr(out, "items", ())
+            raise ProtocolError("item_truncate_not_supported" if known else "item_not_found",
+                                "only the latest spoken reply can be truncated" if known else
+                                f"no spoken reply {event.item_id!r} in this conversation", event.event_id, "item_id")
+        if event.content_index != 0:
+            raise ProtocolError("invalid_event", "a reply has one content part: content_index 0", event.event_id,
+                                "content_index")
+        if current:  # still speaking: stop the reply and its audio first
+            speech = self.speech
+            self.handle.cancel()
+            await self.stop_speech("client_cancelled")
+        out.truncating(event.item_id, event.event_id, event.audio_end_ms)
+        self.handle.truncate_reply(speech.heard(event.audio_end_ms), ref=event.item_id)
 
     async def on_output_audio_buffer_clear(self, event) -> None:
-        raise ProtocolError("invalid_event", "there is no output audio buffer: replies are text only",
-                            event.event_id)
+        if self.speech is None:
+            raise ProtocolError("invalid_event", "no reply audio is being sent", event.event_id)
+        response_id = self.speech.response_id
+        await self.stop_speech("client_cancelled")
+        await self.send({"type": "output_audio_buffer.cleared", "response_id": response_id})
 
     def append(self, data: bytes, event_id: Optional[str] = None) -> None:
         if self.server.config.require_session_update and not self.updated:
@@ -253,6 +397,7 @@ class RealtimeServer:
         self.config = config or ServerConfig()
         self.model_name = model_name
         self.metrics = Metrics()
+        self.tts = None  # the TTSWorker of spoken replies, from start_engine()
         self.connections = 0
         self.server = None
         self.started = time.time()
@@ -338,7 +483,7 @@ class RealtimeServer:
     async def start(self):
         from websockets.asyncio.server import serve
 
-        self.engine.start()
+        self.start_engine()
         self.server = await serve(self.handler, self.config.host, self.config.port,
                                   process_request=self.process_request,
                                   max_size=4 * self.config.max_message_bytes, compression=None)
@@ -350,8 +495,22 @@ class RealtimeServer:
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.config.port}/v1/realtime"
 
+    def start_engine(self) -> None:
+        """The engine thread and the TTS worker (a Ray replica calls this; `start` also listens)."""
+        self.engine.start()
+        if self.config.tts and self.tts is None:
+            from agent.tts import TTSError, TTSWorker, build_tts
+
+            try:
+                self.tts = TTSWorker(build_tts(self.config.tts, **self.config.tts_options))
+            except (TTSError, OSError, ImportError) as exc:  # text replies still work
+                log.warning("spoken replies are off: the %s TTS engine failed to start (%s)", self.config.tts, exc)
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
         self.engine.stop()
+        if self.tts is not None:
+            self.tts.close()
+            self.tts = None

@@ -257,6 +257,32 @@ class Session:
                          times=TurnTimes(speech_end=now, encoder_done=now))
         self._user_message_ended(message)
 
+    def truncate_reply(self, text: str) -> None:
+        """The latest reply becomes `text` (a prefix of it: what the user heard before
+        barging in), in the history and in the cache. If the user's next turn is open
+        already, its pre-filled text and audio go in again after the shorter reply."""
+        open_turn = self.listening
+        at = -1
+        if not self.history or self.history[at]["role"] != "assistant" or self.reply_start is None:
+            raise ValueError("the conversation's latest message is not a reply")
+        reply = self.history[at]["content"]
+        if not reply.startswith(text):
+            raise ValueError("the truncated text must be the start of the reply")
+        if text == reply:
+            return
+        before = self.history[:at]
+        ids = assistant_turn_ids(self.tokenizer, before, text, self.system_prompt)
+        self.llm.truncate(self.reply_start)
+        self.llm.prefill_ids(ids.reply + ids.closing)
+        self.history[at] = {"role": "assistant", "content": text}
+        if open_turn:  # the open turn's template text and audio, after the new reply
+            turn_ids = self._user_ids()
+            self.turn.start_position = self.llm.positions
+            self.llm.prefill_ids(turn_ids.before)
+            self.turn.audio_position = self.llm.positions
+            for e in self.turn.embeddings:
+                self.llm.prefill_embeds(e)
+
     def delete_last(self, role: str) -> None:
         """Take the conversation's most recent message (of `role`) out of the history
         and the cache. An assistant reply: the cache is back at its user turn plus the

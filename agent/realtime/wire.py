@@ -50,6 +50,11 @@ class ResponseState:
     item_id: str
     text: List[str] = field(default_factory=list)
     metadata: Optional[dict] = None
+    modalities: tuple = ("text",)
+
+    @property
+    def audio(self) -> bool:
+        return "audio" in self.modalities
 
 
 class ServerEvents:
@@ -62,7 +67,8 @@ class ServerEvents:
         self._item_ids = itertools.count(1)
         # a command's ref (a typed item's id, a deleted item's id) -> the client's event_id
         self._refs: Dict[str, Optional[str]] = {}
-        self._metadata: Dict[Optional[str], dict] = {}  # response.create's event_id -> its metadata
+        self._requests: Dict[Optional[str], dict] = {}  # response.create's event_id -> its metadata, modalities
+        self._truncating: Dict[str, int] = {}  # item id -> the audio_end_ms asked for
 
     def stamp(self, event: dict) -> dict:
         event.setdefault("event_id", f"event_{next(self._event_ids)}")
@@ -89,14 +95,18 @@ class ServerEvents:
         self._refs[item_id] = event_id
         return item_id
 
-    def response_requested(self, event_id: Optional[str], metadata: Optional[dict]) -> None:
+    def response_requested(self, event_id: Optional[str], metadata: Optional[dict],
+                           modalities: Optional[tuple] = None) -> None:
         """response.create's `metadata` comes back in its response.created / .done (clients
-        such as LiveKit Agents find their response by it)."""
-        if metadata is not None:
-            self._metadata[event_id] = metadata
+        such as LiveKit Agents find their response by it); `modalities` for this response."""
+        self._requests[event_id] = {"metadata": metadata, "modalities": modalities}
 
     def deleting(self, item_id: str, event_id: Optional[str]) -> None:
         self._refs[item_id] = event_id
+
+    def truncating(self, item_id: str, event_id: Optional[str], audio_end_ms: int) -> None:
+        self._refs[item_id] = event_id
+        self._truncating[item_id] = audio_end_ms
 
     def _typed_id(self, ref: Optional[str]) -> str:
         if ref in self._refs:
@@ -107,7 +117,7 @@ class ServerEvents:
     def _error(self, event: ev.ErrorEvent) -> dict:
         # an engine error about a command carries that command's ref: the client's event_id
         event_id = self._refs.pop(event.ref) if event.ref in self._refs else event.ref
-        self._metadata.pop(event.ref, None)  # a refused response.create
+        self._requests.pop(event.ref, None)  # a refused response.create
         return error_event(event.code, event.message, event_id)
 
 
@@ -176,14 +186,20 @@ class GAEvents(ServerEvents):
             item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
                     "status": "completed", "content": [{"type": "input_text", "text": event.text}]}
             return self._add_item(item)
+        if isinstance(event, ev.ItemTruncatedEvent):
+            audio_end_ms = self._truncating.pop(event.ref, 0)
+            self._refs.pop(event.ref, None)
+            return [{"type": "conversation.item.truncated", "item_id": event.ref, "content_index": 0,
+                     "audio_end_ms": audio_end_ms}]
         if isinstance(event, ev.ItemDeletedEvent):
             self._refs.pop(event.ref, None)
             if event.ref in self.items:
                 self.items.remove(event.ref)
             return [{"type": "conversation.item.deleted", "item_id": event.ref}]
         if isinstance(event, ev.ResponseCreatedEvent):
-            r = self.response = ResponseState(event.response_id, self.new_item_id(),
-                                              metadata=self._metadata.pop(event.ref, None))
+            request = self._requests.pop(event.ref, None) or {}
+            r = self.response = ResponseState(event.response_id, self.new_item_id(), metadata=request.get("metadata"),
+                                              modalities=request.get("modalities") or self.output_modalities)
             item = self._assistant_item(r.item_id, "in_progress", None)
             previous = self.last_item
             self.items.append(r.item_id)
@@ -192,35 +208,60 @@ class GAEvents(ServerEvents):
                 {"type": "response.created", "response": {
                     "id": r.response_id, "object": "realtime.response", "status": "in_progress",
                     "status_details": None, "output": [], "conversation_id": "conv_1",
-                    "output_modalities": list(self.output_modalities), "metadata": r.metadata,
+                    "output_modalities": list(r.modalities), "metadata": r.metadata,
                     "max_output_tokens": event.max_output_tokens or self.max_output_tokens, "usage": None}},
                 {"type": "response.output_item.added", "response_id": r.response_id, "output_index": 0,
                  "item": item},
                 {"type": "conversation.item.added", "previous_item_id": previous, "item": item},
                 {"type": "response.content_part.added", "response_id": r.response_id, "item_id": r.item_id,
-                 "output_index": 0, "content_index": 0, "part": {"type": "text", "text": ""}},
+                 "output_index": 0, "content_index": 0,
+                 "part": {"type": "audio", "transcript": ""} if r.audio else {"type": "text", "text": ""}},
             ]
         if isinstance(event, ev.ResponseDoneEvent):
             self.response = None
             at = {"response_id": r.response_id, "item_id": r.item_id, "output_index": 0}
-            item = self._assistant_item(r.item_id, "completed" if event.status == "completed" else "incomplete",
-                                        event.text)
+            status = "completed" if event.status == "completed" else "incomplete"
+            if r.audio:  # event.text: the transcript of the audio sent
+                item = {**self._assistant_item(r.item_id, status, None),
+                        "content": [{"type": "output_audio", "transcript": event.text}]}
+                parts = [{"type": "response.output_audio.done", **at, "content_index": 0},
+                         {"type": "response.output_audio_transcript.done", **at, "content_index": 0,
+                          "transcript": event.text},
+                         {"type": "response.content_part.done", **at, "content_index": 0,
+                          "part": {"type": "audio", "transcript": event.text}}]
+            else:
+                item = self._assistant_item(r.item_id, status, event.text)
+                parts = [{"type": "response.output_text.done", **at, "content_index": 0, "text": event.text},
+                         {"type": "response.content_part.done", **at, "content_index": 0,
+                          "part": {"type": "text", "text": event.text}}]
             previous = self.items[self.items.index(r.item_id) - 1] if self.items.index(r.item_id) else None
-            return [
-                {"type": "response.output_text.done", **at, "content_index": 0, "text": event.text},
-                {"type": "response.content_part.done", **at, "content_index": 0,
-                 "part": {"type": "text", "text": event.text}},
+            return parts + [
                 {"type": "response.output_item.done", "response_id": r.response_id, "output_index": 0, "item": item},
                 {"type": "conversation.item.done", "previous_item_id": previous, "item": item},
                 {"type": "response.done", "response": {
                     "id": r.response_id, "object": "realtime.response", "status": event.status,
                     "status_details": _status_details(event), "output": [item], "conversation_id": "conv_1",
-                    "output_modalities": list(self.output_modalities), "metadata": r.metadata,
+                    "output_modalities": list(r.modalities), "metadata": r.metadata,
                     "usage": _usage(event), "latency_ms": event.latency_ms}},
             ]
         if isinstance(event, ev.ErrorEvent):
             return [self._error(event)]
         raise TypeError(f"not an engine event: {event!r}")
+
+    # -- spoken replies (agent.realtime.speech_out) ---------------------------------------
+    @property
+    def speaking(self) -> bool:
+        return self.response is not None and self.response.audio
+
+    def audio_delta(self, audio_b64: str) -> dict:
+        r = self.response
+        return self.stamp({"type": "response.output_audio.delta", "response_id": r.response_id,
+                           "item_id": r.item_id, "output_index": 0, "content_index": 0, "delta": audio_b64})
+
+    def transcript_delta(self, text: str) -> dict:
+        r = self.response
+        return self.stamp({"type": "response.output_audio_transcript.delta", "response_id": r.response_id,
+                           "item_id": r.item_id, "output_index": 0, "content_index": 0, "delta": text})
 
     def session(self, sid: str, config, wire, chunk_ms: float, latency_ms: float, model: str) -> dict:
         from agent.realtime.schema import INPUT_RATES
