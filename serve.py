@@ -67,6 +67,12 @@ def parse_args(argv=None):
                         "decoding on a CPU, results no longer bit-equal to fp32)")
     p.add_argument("--chunk-sizes-ms", default=env("CHUNK_SIZES_MS", "80,160,320,640,1280"),
                    help="chunk sizes a session may ask for (session.update chunk_ms), built at start-up")
+    p.add_argument("--tts", choices=["espeak", "piper", "none"], default=env("TTS", "espeak"),
+                   help="engine of spoken replies (GA output_modalities [\"audio\"]); none: text replies only")
+    p.add_argument("--tts-voice", default=env("TTS_VOICE", None),
+                   help="the engine's default voice (espeak-ng: en-us, en-gb, ...; piper: a speaker name)")
+    p.add_argument("--piper-model", default=env("PIPER_MODEL", None),
+                   help="with --tts piper: the voice file (voice.onnx, with voice.onnx.json beside it)")
     p.add_argument("--max-message-bytes", type=int, default=env("MAX_MESSAGE_BYTES", 1 << 20))
     p.add_argument("--max-turn-seconds", type=float, default=env("MAX_TURN_SECONDS", 60.0))
     p.add_argument("--idle-timeout-s", type=float, default=env("IDLE_TIMEOUT_S", 300.0))
@@ -197,8 +203,17 @@ def build_server(args):
     config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
                           max_message_bytes=args.max_message_bytes, idle_timeout_s=args.idle_timeout_s,
                           auth_token=args.auth_token or None, allowed_origins=origins,
-                          require_session_update=args.require_session_update, session=session)
+                          require_session_update=args.require_session_update, session=session,
+                          tts=None if args.tts == "none" else args.tts, tts_options=tts_options(args))
     return RealtimeServer(engine, config, model_name=model_path), streamer
+
+
+def tts_options(args) -> dict:
+    if args.tts == "piper":
+        if not args.piper_model:
+            raise SystemExit("error: --tts piper needs --piper-model voice.onnx (a Piper voice file you provide)")
+        return {"model": args.piper_model, **({"voice": args.tts_voice} if args.tts_voice else {})}
+    return {"voice": args.tts_voice} if args.tts_voice and args.tts == "espeak" else {}
 
 
 async def main_async(args) -> None:
@@ -206,7 +221,8 @@ async def main_async(args) -> None:
     await server.start()
     print(f"nestvox listening on {server.url}  (health: http://{server.config.host}:{server.config.port}/healthz)")
     print(f"model: {server.model_name}  (encoder on {streamer.device}, {streamer.dtype})")
-    print(f"encoder: {streamer.describe()}", flush=True)
+    print(f"encoder: {streamer.describe()}")
+    print(f"spoken replies: {server.tts.engine if server.tts is not None else 'off (text replies only)'}", flush=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
