@@ -10,12 +10,23 @@ torch), so a client starts in a second.
 The GA session (session.created / session.updated `session`) as the clients read it:
   audio.input.format.rate          the input rate of binary PCM16 frames (24000 by default)
   audio.input.turn_detection       server_vad settings, or null (manual commit)
+  output_modalities                ["text"] (written replies) or ["audio"] (spoken replies)
+  audio.output.format.rate / voice / speed   the spoken replies' PCM16 rate (24000), voice, speed
   instructions, max_output_tokens
   nestvox.chunk_ms / algorithmic_latency_ms / temperature / top_p / max_turn_seconds / input_rates
 `Connection.update(rate=16000, manual=True, chunk_ms=320, ...)` sends a GA
 session.update with only those fields ({"type": "realtime", "audio": {"input":
 {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": null}},
 "nestvox": {"chunk_ms": 320}}).
+
+Spoken replies: `session_update(**reply_audio(voice="en-us", speed=1.0))` asks for
+them ({"output_modalities": ["audio"], "audio": {"output": {"format": {"type":
+"audio/pcm", "rate": 24000}, "voice": "en-us", "speed": 1.0}}}); a reply then comes
+as `response.output_audio.delta` (base64 PCM16 mono at the output rate) with
+`response.output_audio_transcript.delta` / `.done` (its text). `TurnResult` keeps
+the decoded audio (`audio_pcm`, `audio_chunks`, `output_rate`, `audio_seconds`), the
+transcript (`transcript`; `text` is the transcript when no output_text came) and the
+assistant item's id (`item_id`, for conversation.item.truncate).
 
 The clients send the model's 16 kHz by default (`MODEL_RATE`) and declare it in
 session.update, so the server does not resample (the GA default, 24 kHz, is one
@@ -39,10 +50,14 @@ Latency figures of one turn (`TurnResult`):
       500 ms by default) that the server waits before it ends a turn.
   end_to_speech_stopped, end_to_created (response.created: the server has
   flushed the encoder and pre-filled the turn), end_to_first_delta (the first
-  `response.output_text.delta`), end_to_done (`response.done`); and, server_vad only,
-  speech_stopped_to_first_delta: from the arrival of `speech_stopped` to the
-  first delta (the client's view of what the server reports as
-  speech_end_to_first_token, plus loopback transit).
+  `response.output_text.delta`), end_to_first_audio (the first
+  `response.output_audio.delta`: the first byte of a spoken reply), end_to_done
+  (`response.done`); and, server_vad only, speech_stopped_to_first_delta /
+  speech_stopped_to_first_audio: from the arrival of `speech_stopped` to the first
+  text delta / audio delta (the client's view of what the server reports as
+  speech_end_to_first_token / speech_end_to_first_audio, plus loopback transit).
+  The server's `speech_end_to_first_audio` (response.done latency_ms) is there
+  only for spoken replies.
   At --speed 0 every packet leaves at once, so `t_end` is close to the start of
   the stream and these figures include the server working through the backlog.
 """
@@ -67,12 +82,18 @@ DEFAULT_URL = "ws://127.0.0.1:8765/v1/realtime"
 START_HINT = "start a server with `python serve.py` (it listens on ws://127.0.0.1:8765/v1/realtime), or pass --url"
 MODEL_RATE = 16000  # the model's rate: audio sent at it is not resampled by the server
 GA_RATE = 24000  # the GA session's default input rate (audio/pcm)
+OUTPUT_RATE = 24000  # the GA default output rate of spoken replies (audio.output.format)
 SERVER_STAGES = ("speech_end_to_encoder_done", "speech_end_to_first_token", "first_token_to_last_token",
-                 "speech_end_to_last_token")
-CLIENT_STAGES = ("end_to_speech_stopped", "end_to_created", "end_to_first_delta", "end_to_done",
-                 "speech_stopped_to_first_delta")
+                 "speech_end_to_last_token", "speech_end_to_first_audio")
+CLIENT_STAGES = ("end_to_speech_stopped", "end_to_created", "end_to_first_delta", "end_to_first_audio",
+                 "end_to_done", "speech_stopped_to_first_delta", "speech_stopped_to_first_audio")
+AUDIO_STAGES = ("speech_end_to_first_audio", "end_to_first_audio", "speech_stopped_to_first_audio")
 TEXT_DELTA = ("response.output_text.delta", "response.text.delta")  # GA (beta's name also read)
 TEXT_DONE = ("response.output_text.done", "response.text.done")
+AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
+AUDIO_DONE = ("response.output_audio.done", "response.audio.done")
+TRANSCRIPT_DELTA = ("response.output_audio_transcript.delta", "response.audio_transcript.delta")
+TRANSCRIPT_DONE = ("response.output_audio_transcript.done", "response.audio_transcript.done")
 
 
 class ClientError(Exception):
@@ -217,6 +238,32 @@ def session_turn_detection(session: dict) -> Optional[dict]:
     return ((session.get("audio") or {}).get("input") or {}).get("turn_detection")
 
 
+def session_output_rate(session: dict) -> int:
+    """audio.output.format.rate of a GA session (24000 when it says nothing)."""
+    fmt_ = (((session.get("audio") or {}).get("output") or {}).get("format") or {})
+    return int(fmt_.get("rate") or OUTPUT_RATE)
+
+
+def session_speaks(session: dict) -> bool:
+    """Whether the session's replies are spoken (output_modalities holds "audio")."""
+    return "audio" in (session.get("output_modalities") or ())
+
+
+def session_voice(session: dict) -> Optional[str]:
+    """audio.output.voice of a GA session."""
+    return ((session.get("audio") or {}).get("output") or {}).get("voice")
+
+
+def reply_audio(audio: bool = True, *, voice: Optional[str] = None, speed: Optional[float] = None,
+                rate: Optional[int] = OUTPUT_RATE) -> Dict[str, Any]:
+    """The session_update fields that ask for spoken replies (audio=True: output_modalities
+    ["audio"], the output format at `rate`, `voice`, `speed`) or written ones (audio=False:
+    ["text"]). Use as `session_update(rate=16000, **reply_audio(voice="en-gb"))`."""
+    if not audio:
+        return {"output_modalities": ["text"]}
+    return {"output_modalities": ["audio"], "output_rate": rate, "voice": voice, "voice_speed": speed}
+
+
 def session_extension(session: dict) -> dict:
     """Our extensions of a GA session (`nestvox`: chunk_ms, algorithmic_latency_ms, temperature, ...)."""
     return dict(session.get("nestvox") or {})
@@ -226,20 +273,30 @@ def describe_session(session: dict) -> str:
     """One line: chunk, algorithmic latency, input rate, turn mode."""
     ext, td = session_extension(session), session_turn_detection(session)
     mode = "manual commit" if td is None else f"server VAD ({td.get('silence_duration_ms')} ms silence)"
+    spoken = ""
+    if session_speaks(session):
+        out = (session.get("audio") or {}).get("output") or {}
+        spoken = (f", spoken replies (voice {out.get('voice')}, speed {fmt(out.get('speed'), 2)}, "
+                  f"{session_output_rate(session)} Hz)")
     return (f"chunk {fmt(ext.get('chunk_ms'), 0)} ms (algorithmic latency {fmt(ext.get('algorithmic_latency_ms'))} "
-            f"ms), input {session_rate(session)} Hz, {mode}")
+            f"ms), input {session_rate(session)} Hz, {mode}{spoken}")
 
 
 def session_update(*, rate: Optional[int] = None, manual: Optional[bool] = None, turn_detection: Any = UNSET,
                    instructions: Any = UNSET, max_output_tokens: Optional[int] = None,
                    chunk_ms: Optional[int] = None, temperature: Optional[float] = None,
-                   top_p: Optional[float] = None, max_turn_seconds: Optional[float] = None) -> dict:
+                   top_p: Optional[float] = None, max_turn_seconds: Optional[float] = None,
+                   output_modalities: Optional[Sequence[str]] = None, output_rate: Optional[int] = None,
+                   voice: Optional[str] = None, voice_speed: Optional[float] = None) -> dict:
     """The GA `session` of a session.update that changes only the given fields.
 
     rate: audio.input.format {"type": "audio/pcm", "rate"}; manual=True: turn_detection
     null, manual=False: server VAD (its defaults, or the current settings); turn_detection:
     an explicit (partial) server_vad object or None; instructions / max_output_tokens:
-    top-level GA fields; chunk_ms, temperature, top_p, max_turn_seconds: under "nestvox"."""
+    top-level GA fields; chunk_ms, temperature, top_p, max_turn_seconds: under "nestvox".
+    Replies: output_modalities (["text"] or ["audio"]); output_rate: audio.output.format
+    {"type": "audio/pcm", "rate"}; voice, voice_speed: audio.output.voice / .speed
+    (`reply_audio(...)` builds these four)."""
     session: Dict[str, Any] = {"type": "realtime"}
     audio_input: Dict[str, Any] = {}
     if rate is not None:
@@ -248,8 +305,18 @@ def session_update(*, rate: Optional[int] = None, manual: Optional[bool] = None,
         turn_detection = None if manual else {"type": "server_vad"}
     if turn_detection is not UNSET:
         audio_input["turn_detection"] = turn_detection
-    if audio_input:
-        session["audio"] = {"input": audio_input}
+    audio_output: Dict[str, Any] = {}
+    if output_rate is not None:
+        audio_output["format"] = {"type": "audio/pcm", "rate": int(output_rate)}
+    if voice is not None:
+        audio_output["voice"] = voice
+    if voice_speed is not None:
+        audio_output["speed"] = float(voice_speed)
+    audio = {k: v for k, v in (("input", audio_input), ("output", audio_output)) if v}
+    if audio:
+        session["audio"] = audio
+    if output_modalities is not None:
+        session["output_modalities"] = list(output_modalities)
     if instructions is not UNSET:
         session["instructions"] = instructions
     if max_output_tokens is not None:
@@ -285,6 +352,16 @@ class Connection:
     @property
     def manual(self) -> bool:
         return self.turn_detection is None
+
+    @property
+    def output_rate(self) -> int:
+        """The spoken replies' PCM16 rate (audio.output.format.rate)."""
+        return session_output_rate(self.session)
+
+    @property
+    def speaks(self) -> bool:
+        """Whether replies are spoken (output_modalities holds "audio")."""
+        return session_speaks(self.session)
 
     @property
     def silence_ms(self) -> Optional[int]:
@@ -350,7 +427,8 @@ class Connection:
     async def update(self, timeout: float = 10.0, **fields) -> dict:
         """A GA session.update with only `fields` (see `session_update`: rate, manual,
         turn_detection, instructions, max_output_tokens, chunk_ms, temperature, top_p,
-        max_turn_seconds) -> the effective session from session.updated. UpdateRefused
+        max_turn_seconds, output_modalities, output_rate, voice, voice_speed) -> the effective
+        session from session.updated. UpdateRefused
         on the error event that answers it (nothing changed)."""
         return await self.update_session(session_update(**fields), timeout)
 
@@ -454,7 +532,9 @@ async def connect(url: str = DEFAULT_URL, token: Optional[str] = None, open_time
 # -- one turn ---------------------------------------------------------------------------
 @dataclass
 class TurnResult:
-    """One user turn and the reply: `text`, the `response.done` event, every event."""
+    """One user turn and the reply: `text`, the `response.done` event, every event; for a
+    spoken reply also its audio (`audio_chunks`: decoded PCM16 bytes at `output_rate`) and
+    `transcript`."""
 
     text: str = ""
     done: Optional[dict] = None
@@ -464,6 +544,12 @@ class TurnResult:
     deltas: List[str] = field(default_factory=list)
     response_id: Optional[str] = None
     user_item_id: Optional[str] = None  # input_audio_buffer.committed / the typed item's id
+    output_rate: int = OUTPUT_RATE  # the rate of the reply's audio (the session's audio.output.format.rate)
+    audio_chunks: List[bytes] = field(default_factory=list)  # decoded response.output_audio.delta
+    transcript_deltas: List[str] = field(default_factory=list)
+    transcript: str = ""  # response.output_audio_transcript.done (or the deltas joined)
+    item_id: Optional[str] = None  # the assistant item of the reply (conversation.item.truncate names it)
+    audio_done: bool = False  # response.output_audio.done arrived
 
     @property
     def response(self) -> dict:
@@ -482,31 +568,60 @@ class TurnResult:
         return dict(self.response.get("latency_ms") or {})
 
     @property
+    def audio_pcm(self) -> bytes:
+        """The reply's audio: PCM16 mono at `output_rate` (empty for a written reply)."""
+        return b"".join(self.audio_chunks)
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(len(c) for c in self.audio_chunks) / 2 / self.output_rate
+
+    @property
+    def spoken(self) -> bool:
+        return bool(self.audio_chunks)
+
+    @property
     def client_ms(self) -> Dict[str, Optional[float]]:
         end = self.stamps.get("end")
         names = {"end_to_speech_stopped": "speech_stopped", "end_to_created": "created",
-                 "end_to_first_delta": "first_delta", "end_to_done": "done"}
+                 "end_to_first_delta": "first_delta", "end_to_first_audio": "first_audio", "end_to_done": "done"}
         out = {k: (None if end is None or self.stamps.get(s) is None else round(1000 * (self.stamps[s] - end), 2))
                for k, s in names.items()}
-        stopped, first = self.stamps.get("speech_stopped"), self.stamps.get("first_delta")
-        out["speech_stopped_to_first_delta"] = None if stopped is None or first is None else round(
-            1000 * (first - stopped), 2)
+        stopped = self.stamps.get("speech_stopped")
+        for key, stamp in (("speech_stopped_to_first_delta", "first_delta"),
+                           ("speech_stopped_to_first_audio", "first_audio")):
+            first = self.stamps.get(stamp)
+            out[key] = None if stopped is None or first is None else round(1000 * (first - stopped), 2)
         return out
 
     def observe(self, event: dict, now: Optional[float] = None,
                 sent_at: Optional[Callable[[float], Optional[float]]] = None, stream_start_ms: float = 0.0) -> str:
-        """Record one server event; returns "done" (response.done), "error" or "" (anything else,
-        unknown events included). `sent_at(stream_ms)` (server VAD turns): when the client sent
-        the audio at a stream position, to place the reference point `end` at speech_stopped."""
+        """Record one server event; returns "done" (response.done), "error", "audio" (an audio
+        delta: its PCM is `audio_chunks[-1]`) or "" (anything else, unknown events included).
+        `sent_at(stream_ms)` (server VAD turns): when the client sent the audio at a stream
+        position, to place the reference point `end` at speech_stopped."""
         now = time.perf_counter() if now is None else now
-        self.events.append(event)
         kind = event.get("type")
         stamps = self.stamps
-        if kind in TEXT_DELTA:  # the most frequent first
+        if kind in AUDIO_DELTA:  # the most frequent first; the base64 is decoded, not kept in `events`
+            stamps.setdefault("first_audio", now)
+            self.item_id = self.item_id or event.get("item_id")
+            self.audio_chunks.append(base64.b64decode(event.get("delta") or ""))
+            self.events.append({k: v for k, v in event.items() if k != "delta"})
+            return "audio"
+        self.events.append(event)
+        if kind in TEXT_DELTA:
             stamps.setdefault("first_delta", now)
             self.deltas.append(event.get("delta", ""))
+        elif kind in TRANSCRIPT_DELTA:
+            stamps.setdefault("first_transcript", now)
+            self.transcript_deltas.append(event.get("delta", ""))
         elif kind in TEXT_DONE:
             self.text = event.get("text", "".join(self.deltas))
+        elif kind in TRANSCRIPT_DONE:
+            self.transcript = event.get("transcript", "".join(self.transcript_deltas))
+        elif kind in AUDIO_DONE:
+            self.audio_done = True
         elif kind == "input_audio_buffer.speech_started":
             stamps.setdefault("speech_started", now)
         elif kind == "input_audio_buffer.speech_stopped":
@@ -518,22 +633,50 @@ class TurnResult:
         elif kind == "input_audio_buffer.committed":
             stamps.setdefault("committed", now)
             self.user_item_id = event.get("item_id", self.user_item_id)
-        elif kind == "conversation.item.added":
+        elif kind in ("conversation.item.added", "response.output_item.added"):
             item = event.get("item") or {}
             if item.get("role") == "user" and self.user_item_id is None:
                 self.user_item_id = item.get("id")
+            elif item.get("role") == "assistant" and self.item_id is None:
+                self.item_id = item.get("id")
         elif kind == "response.created":
             stamps.setdefault("created", now)
             self.response_id = (event.get("response") or {}).get("id")
         elif kind == "response.done":
             stamps["done"] = now
             self.done = event
+            if not self.transcript:
+                self.transcript = "".join(self.transcript_deltas) or _output_transcript(self.response)
             if not self.text:
-                self.text = "".join(self.deltas) or _output_text(self.response)
+                self.text = "".join(self.deltas) or _output_text(self.response) or self.transcript
             return "done"
         elif kind == "error":
             return "error"
         return ""
+
+
+def _output_transcript(response: dict) -> str:
+    """The transcript of a GA response's spoken output (output_audio parts)."""
+    for item in response.get("output") or []:
+        for part in (item or {}).get("content") or []:
+            if isinstance(part, dict) and part.get("type") in ("output_audio", "audio") and part.get("transcript"):
+                return part["transcript"]
+    return ""
+
+
+def write_wav(path: str, pcm: bytes, rate: int) -> str:
+    """PCM16 mono bytes -> a 16-bit wav file at `rate`."""
+    import wave
+
+    try:
+        with wave.open(path, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(int(rate))
+            w.writeframes(pcm)
+    except OSError as exc:
+        raise ClientError(f"cannot write {path!r}: {exc}") from None
+    return path
 
 
 def _output_text(response: dict) -> str:
@@ -589,7 +732,7 @@ async def run_turn(conn: Connection, audio: np.ndarray, *, packet_ms: float = 20
     (with `response`: per-response instructions / max_output_tokens) follow the last
     packet. Raises TurnFailed on an error event, a closed connection, a timeout, or a
     VAD that heard no (end of) speech within `vad_grace_s` after the audio."""
-    result = TurnResult(audio_ms=1000.0 * audio.size / conn.rate)
+    result = TurnResult(audio_ms=1000.0 * audio.size / conn.rate, output_rate=conn.output_rate)
     stamps = result.stamps
     manual = conn.manual
     pcm = float_to_pcm16(audio)
@@ -662,7 +805,7 @@ async def run_text_turn(conn: Connection, text: str, *, response: Optional[dict]
     """A typed user turn: conversation.item.create (input_text) + response.create (with
     `response`: per-response instructions / max_output_tokens), then events until
     response.done. The reference point `end` of client_ms is when response.create left."""
-    result = TurnResult()
+    result = TurnResult(output_rate=conn.output_rate)
     result.stamps["start"] = time.perf_counter()
     await conn.send_event(typed_item(text))
     await conn.send_event(response_create(response))
@@ -711,9 +854,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Option
     return "\n".join(out)
 
 
+def _stages(names: Sequence[str], results: Sequence[TurnResult]) -> List[str]:
+    """The stages worth a row: the first-audio ones only when some reply was spoken."""
+    spoken = any(r.spoken or r.latency_ms.get("speech_end_to_first_audio") is not None for r in results)
+    return [k for k in names if spoken or k not in AUDIO_STAGES]
+
+
 def turn_latency_table(result: TurnResult) -> str:
-    rows = [(f"server {k}", result.latency_ms.get(k)) for k in SERVER_STAGES]
-    rows += [(f"client {k}", result.client_ms.get(k)) for k in CLIENT_STAGES]
+    rows = [(f"server {k}", result.latency_ms.get(k)) for k in _stages(SERVER_STAGES, [result])]
+    rows += [(f"client {k}", result.client_ms.get(k)) for k in _stages(CLIENT_STAGES, [result])]
     return format_table(("latency", "ms"), rows)
 
 
@@ -723,7 +872,7 @@ def summary_table(results: Sequence[TurnResult], qs: Sequence[float] = (50, 90))
     rows = []
     for source, names, get in (("server", SERVER_STAGES, lambda r: r.latency_ms),
                                ("client", CLIENT_STAGES, lambda r: r.client_ms)):
-        for k in names:
+        for k in _stages(names, results):
             vals = [get(r).get(k) for r in results if get(r).get(k) is not None]
             rows.append([f"{source} {k}", len(vals)] + [percentile(vals, q) for q in qs])
     return format_table(headers, rows)

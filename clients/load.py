@@ -2,6 +2,8 @@
 
     python clients/load.py --callers 8 --duration 30
     python clients/load.py --url ws://127.0.0.1:9000/v1/realtime --callers 32 --duration 60 --budget-ms 1000 --json
+    python clients/load.py --callers 8 --duration 30 --audio             # every caller asks for spoken replies
+    python clients/load.py --callers 8 --duration 30 --audio-callers 4   # 4 spoken, 4 written: compare the two
 
 Each caller opens one conversation (server VAD, the server's defaults; its GA
 session.update declares 16 kHz audio, the model's rate) and, in a loop,
@@ -17,12 +19,22 @@ and whatever is still running at --duration is cancelled and counted as cut.
 Only loopback servers (127.0.0.0/8, ::1, localhost) are accepted: this tool
 generates load; pointing it at someone else's server is refused.
 
+--audio: every caller asks for spoken replies (session.update output_modalities
+["audio"], 24 kHz PCM16, --voice); --audio-callers K: only the first K do, the
+others stay text-only, so one run shows the text sessions' decoding next to the
+spoken ones. A spoken caller receives (and decodes) the whole reply audio but does
+not wait for it to play: it speaks again at response.done, as a text caller does,
+so both modes put the same turn rate on the engine. Decode speed (tok/s) and
+first-token latency are read from response.done (latency_ms) in both modes, the
+same way; spoken turns add first-audio latency.
+
 Reported:
   sustained   callers that completed at least one turn, every completed turn on
-              time, and no failed turn. On time: the first text delta arrived
-              within silence_duration_ms + --budget-ms of the moment the caller
-              sent the audio where its speech ended (the VAD silence window is
-              inherent to server-VAD turns; the budget is what the server adds).
+              time, and no failed turn. On time: the first text delta (spoken
+              replies: the first audio delta) arrived within silence_duration_ms
+              + --budget-ms of the moment the caller sent the audio where its
+              speech ended (the VAD silence window is inherent to server-VAD
+              turns; the budget is what the server adds).
   refused     connections the server turned away: server_full error events,
               close code 1013, HTTP 429/503 (a refused caller does not retry).
   errors      everything else: unreachable, error events, dropped connections,
@@ -30,7 +42,11 @@ Reported:
   latency     p50/p90/p99 over all completed turns of: server end of speech ->
               first token and -> encoder done (response.done latency_ms); client
               speech end sent -> first delta (includes the silence window) and
-              speech_stopped received -> first delta.
+              speech_stopped received -> first delta; with spoken replies also
+              server end of speech -> first audio (speech_end_to_first_audio)
+              and client speech end sent -> first audio delta.
+  reply speed (output tokens - 1) / first token -> last token, per reply.
+  by mode     with --audio-callers: all of the above per mode (text / audio).
 
 Importable: `report = await run_load(url, callers=4, duration=20)` (a dict; see
 run_load) and `print(format_report(report))`.
@@ -56,10 +72,12 @@ from clients.common import (  # noqa: E402
     TurnFailed,
     add_connection_args,
     connect,
+    fmt,
     format_table,
     is_loopback,
     percentile,
     read_audio,
+    reply_audio,
     run_turn,
     setup_stdout,
     synthesize_speech,
@@ -74,6 +92,11 @@ LATENCY_KEYS = (  # report key, (source, key) in a turn
     ("server flush", "server", "speech_end_to_encoder_done"),
     ("client speech end -> 1st delta", "client", "end_to_first_delta"),
     ("client speech_stopped -> 1st delta", "client", "speech_stopped_to_first_delta"),
+)
+AUDIO_LATENCY_KEYS = (
+    ("server e2fa", "server", "speech_end_to_first_audio"),
+    ("client speech end -> 1st audio", "client", "end_to_first_audio"),
+    ("client speech_stopped -> 1st audio", "client", "speech_stopped_to_first_audio"),
 )
 
 
@@ -92,13 +115,19 @@ def check_target(url: str, callers: int, duration: float) -> str:
 async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str] = None,
                    token: Optional[str] = None, turn_timeout: float = 30.0, packet_ms: float = 20.0,
                    budget_ms: float = 1500.0, speed: float = 1.0, text: str = DEFAULT_TEXT,
+                   audio: bool = False, audio_callers: Optional[int] = None, voice: Optional[str] = None,
                    progress=None) -> dict:
     """Run `callers` concurrent callers for at most `duration` seconds; returns the report dict:
     callers, duration_s, elapsed_s, audio_s, budget_ms, connected, sustained, refused, errors,
     refusals [{caller, code, message}], error_list [{caller, code, message}],
     turns {completed, on_time, late, failed, cut}, latency_ms {name: {n, p50, p90, p99}},
-    per_caller [{caller, status, turns, on_time}]."""
+    reply_tok_s {n, min, p10, p50, p90}, per_caller [{caller, mode, status, turns, on_time}],
+    audio_callers, reply_audio_s {n, p50} and by_mode {"text"/"audio": {turns, on_time,
+    latency_ms, reply_tok_s}} (the same figures per mode).
+    `audio`: every caller asks for spoken replies; `audio_callers`: only the first that many."""
     url = check_target(url, callers, duration)
+    n_audio = callers if audio and audio_callers is None else min(max(int(audio_callers or 0), 0), callers)
+    # spoken callers spread evenly over the staggered starts (caller i speaks when its share rounds up)
     if speed <= 0:
         raise ClientError("speed must be > 0 for a load test (callers talk in real time)")
     with tempfile.TemporaryDirectory(prefix="nestvox-load-") as tmp:
@@ -109,7 +138,8 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
     deadline = t0 + duration
     stagger = min(audio_s, 2.0) / callers
     turns: List[dict] = []
-    callers_out: List[dict] = [{"caller": i, "status": "not started", "turns": 0, "on_time": 0, "cut": 0}
+    callers_out: List[dict] = [{"caller": i, "mode": "audio" if (i * n_audio) % callers < n_audio else "text",
+                                "status": "not started", "turns": 0, "on_time": 0, "cut": 0}
                                for i in range(callers)]
     refusals: List[dict] = []
     errors: List[dict] = []
@@ -129,9 +159,13 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
             errors.append({"caller": i, "code": getattr(exc, "code", "error"), "message": str(exc)})
             return
         me["status"] = "connected"
+        spoken = me["mode"] == "audio"
         try:
-            if conn.rate != MODEL_RATE:  # the GA session's default is 24 kHz: declare ours
-                await conn.update(rate=MODEL_RATE, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            fields = {"rate": MODEL_RATE} if conn.rate != MODEL_RATE else {}  # the GA default is 24 kHz: declare ours
+            if spoken:
+                fields.update({k: v for k, v in reply_audio(voice=voice).items() if v is not None})
+            if fields:
+                await conn.update(timeout=min(10.0, max(1.0, deadline - time.monotonic())), **fields)
         except ServerRefused as exc:
             me["status"] = "refused"
             refusals.append({"caller": i, "code": exc.code, "message": str(exc)})
@@ -170,11 +204,12 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
                     return
                 finally:
                     me["in_turn"] = False
-                first = result.client_ms.get("end_to_first_delta")
+                first = result.client_ms.get("end_to_first_audio" if spoken else "end_to_first_delta")
                 on_time = first is not None and first <= silence_ms + budget_ms
-                turns.append({"caller": i, "on_time": on_time, "status": result.status,
+                turns.append({"caller": i, "mode": me["mode"], "on_time": on_time, "status": result.status,
                               "server": result.latency_ms, "client": result.client_ms,
-                              "reply_tok_s": reply_speed(result)})
+                              "reply_tok_s": reply_speed(result),
+                              "reply_audio_s": round(result.audio_seconds, 3) if spoken else None})
                 me["turns"] += 1
                 me["on_time"] += on_time
                 if progress is not None:
@@ -212,11 +247,13 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
             else:
                 me["status"] = "late"
 
-    latency: Dict[str, dict] = {}
-    for name, source, key in LATENCY_KEYS:
-        values = [t[source].get(key) for t in turns if t[source].get(key) is not None]
-        latency[name] = {"n": len(values), **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
-    speeds = [t["reply_tok_s"] for t in turns if t["reply_tok_s"] is not None]
+    keys = LATENCY_KEYS + (AUDIO_LATENCY_KEYS if n_audio else ())
+    modes = [m for m in ("text", "audio") if any(c["mode"] == m for c in callers_out)]
+    by_mode = {m: {"callers": sum(c["mode"] == m for c in callers_out),
+                   "turns": {"completed": sum(t["mode"] == m for t in turns),
+                             "on_time": sum(t["on_time"] for t in turns if t["mode"] == m)},
+                   **turn_figures([t for t in turns if t["mode"] == m], keys)} for m in modes}
+    reply_audio_s = [t["reply_audio_s"] for t in turns if t["reply_audio_s"] is not None]
     return {
         "url": url, "callers": callers, "duration_s": duration, "elapsed_s": round(elapsed, 2),
         "audio_s": round(audio_s, 2), "budget_ms": budget_ms, "silence_ms": sample["silence_ms"],
@@ -227,12 +264,24 @@ async def run_load(url: str, callers: int, duration: float, *, wav: Optional[str
                   "late": sum(not t["on_time"] for t in turns),
                   "failed": sum(c["failed"] for c in callers_out),
                   "cut": sum(c["cut"] for c in callers_out)},
-        "latency_ms": latency, "per_caller": callers_out,
-        # decode speed each caller saw: (output tokens - 1) / (first token -> last token)
-        "reply_tok_s": {"n": len(speeds), **{f"p{q}": percentile(speeds, q) for q in (10, 50, 90)},
-                        "min": round(min(speeds), 2) if speeds else None},
+        **turn_figures(turns, keys), "per_caller": callers_out,
+        "audio_callers": n_audio, "by_mode": by_mode,
+        "reply_audio_s": {"n": len(reply_audio_s), "p50": percentile(reply_audio_s, 50)},
         "engine": engine_split(engine_before, engine_after, elapsed),
     }
+
+
+def turn_figures(turns: List[dict], keys=LATENCY_KEYS) -> dict:
+    """latency_ms {name: {n, p50, p90, p99}} and reply_tok_s {n, min, p10, p50, p90} of some turns."""
+    latency: Dict[str, dict] = {}
+    for name, source, key in keys:
+        values = [t[source].get(key) for t in turns if t[source].get(key) is not None]
+        latency[name] = {"n": len(values), **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
+    # decode speed each caller saw: (output tokens - 1) / (first token -> last token)
+    speeds = [t["reply_tok_s"] for t in turns if t["reply_tok_s"] is not None]
+    return {"latency_ms": latency,
+            "reply_tok_s": {"n": len(speeds), **{f"p{q}": percentile(speeds, q) for q in (10, 50, 90)},
+                            "min": round(min(speeds), 2) if speeds else None}}
 
 
 def engine_counters(url: str, token: Optional[str]) -> Optional[dict]:
@@ -276,10 +325,17 @@ def reply_speed(result) -> Optional[float]:
     return round((tokens - 1) / (span / 1000.0), 2)
 
 
+def replies_label(spoken: int, callers: int) -> str:
+    if not spoken:
+        return "text"
+    return "spoken" if spoken == callers else f"{spoken} spoken, {callers - spoken} text"
+
+
 def format_report(report: dict) -> str:
     t = report["turns"]
     head = format_table(("load", "value"), [
         ("callers", report["callers"]),
+        ("replies", replies_label(report.get("audio_callers", 0), report["callers"])),
         ("connected", report["connected"]),
         ("sustained (all turns on time)", report["sustained"]),
         ("refused", report["refused"]),
@@ -291,12 +347,21 @@ def format_report(report: dict) -> str:
         ("on-time limit (ms)", f"{report['silence_ms']} silence + {report['budget_ms']:g} budget"),
         ("elapsed (s)", report["elapsed_s"]),
     ])
-    lat = format_table(("latency (ms)", "n", "p50", "p90", "p99"),
-                       [(name, v["n"], v["p50"], v["p90"], v["p99"]) for name, v in report["latency_ms"].items()])
-    speed = report["reply_tok_s"]
-    lat += "\n" + format_table(("reply speed (tok/s)", "n", "min", "p10", "p50", "p90"),
-                               [("per reply", speed["n"], speed["min"], speed["p10"], speed["p50"], speed["p90"])])
-    lines = [head, "", lat]
+    lines = [head, ""]
+    by_mode = report.get("by_mode") or {}
+    sections = [("", report)] if len(by_mode) < 2 else [("", report)] + [(f"{m} callers: ", by_mode[m])
+                                                                          for m in ("text", "audio")]
+    for prefix, figures in sections:
+        lat = format_table((f"{prefix}latency (ms)", "n", "p50", "p90", "p99"),
+                           [(name, v["n"], v["p50"], v["p90"], v["p99"]) for name, v in figures["latency_ms"].items()])
+        speed = figures["reply_tok_s"]
+        lat += "\n" + format_table((f"{prefix}reply speed (tok/s)", "n", "min", "p10", "p50", "p90"),
+                                   [("per reply", speed["n"], speed["min"], speed["p10"], speed["p50"],
+                                     speed["p90"])])
+        lines += [lat, ""]
+    if report.get("audio_callers"):
+        lines.append(f"spoken reply length: p50 {fmt(report['reply_audio_s']['p50'], 2)} s over "
+                     f"{report['reply_audio_s']['n']} replies")
     e = report.get("engine")
     if e:
         lines.append(f"engine thread: busy {e['busy_pct']}% (encoder {e['encoder_pct']}%, LLM {e['llm_pct']}%, "
@@ -321,6 +386,11 @@ def parse_args(argv=None):
     p.add_argument("--text", default=DEFAULT_TEXT, help="sentence for espeak-ng when no --wav is given")
     p.add_argument("--packet-ms", type=float, default=20.0, help="audio per websocket frame (default 20)")
     p.add_argument("--speed", type=float, default=1.0, help="x real time (default 1.0; must be > 0)")
+    p.add_argument("--audio", action="store_true", help="callers ask for spoken replies (output_modalities "
+                   "[\"audio\"], 24 kHz PCM16)")
+    p.add_argument("--audio-callers", type=int, default=None,
+                   help="only this many callers ask for spoken replies; the others stay text-only")
+    p.add_argument("--voice", default=None, help="voice of the spoken replies (default: the server's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per completed turn (stderr)")
     return p.parse_args(argv)
@@ -339,8 +409,10 @@ def main(argv=None) -> int:
 
     def progress(i, result, on_time):
         if args.verbose:
-            print(f"  caller {i}: e2ft {result.latency_ms.get('speech_end_to_first_token')} ms, first delta "
-                  f"{result.client_ms.get('end_to_first_delta')} ms {'on time' if on_time else 'LATE'}",
+            first = (f"first audio {result.client_ms.get('end_to_first_audio')} ms" if result.spoken else
+                     f"first delta {result.client_ms.get('end_to_first_delta')} ms")
+            print(f"  caller {i}: e2ft {result.latency_ms.get('speech_end_to_first_token')} ms, {first} "
+                  f"{'on time' if on_time else 'LATE'}",
                   file=sys.stderr, flush=True)
 
     if not args.json:
@@ -349,7 +421,8 @@ def main(argv=None) -> int:
         report = asyncio.run(run_load(args.url, args.callers, args.duration, wav=args.wav, token=token_from(args),
                                       turn_timeout=args.turn_timeout, packet_ms=args.packet_ms,
                                       budget_ms=args.budget_ms, speed=args.speed, text=args.text,
-                                      progress=progress))
+                                      audio=args.audio or args.audio_callers is not None,
+                                      audio_callers=args.audio_callers, voice=args.voice, progress=progress))
     except ClientError as exc:
         print(f"load.py: {exc}", file=sys.stderr)
         return 1
