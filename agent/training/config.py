@@ -33,6 +33,17 @@ Keys (dotted names are what an override uses):
   save when reached), ``threads``, ``attn_implementation`` (the LLM's attention while training:
   ``eager`` is faster than ``sdpa`` for the demo's short sequences on CPU, 0.59 vs 0.75 s/step
   with the README's 45-step speed command; the saved model keeps its own).
+* ``audio_model.att_context_size`` may be a list of ``[left, right]`` contexts (NeMo's
+  multi-lookahead training: one drawn per training forward, by ``audio_model.att_context_probs``,
+  default equal; the first is the model's default at inference), so several streaming chunk
+  sizes are ones the encoder was trained for.
+* ``loss.eot_weight``: > 0 adds the end-of-turn decision loss: binary cross-entropy on p_done =
+  softmax(logits at the last audio position)[the prompt's token after the audio, ChatML's
+  ``<|im_end|>``], pushed up for complete turns and down for turns cut at a word boundary
+  (manifest ``done: false``, from ``synth --cut-share``; cut turns get no reply loss).
+  Not combined with ``kl_weight``.
+* ``train.time_schedule``: with ``max_minutes``, the cosine lr runs on max(step / steps, elapsed /
+  max_minutes), so a slower or shared machine still anneals to the floor by the deadline.
 * ``loss``: ``kl_weight`` (> 0 adds Ultravox-style KL distillation from the text-only LLM
   given the transcript; 0 = cross-entropy on the reply tokens only), ``kl_temperature``,
   ``ctc_weight`` (> 0 adds an auxiliary word-level CTC loss on the encoder's deepest selected
@@ -103,8 +114,9 @@ DEFAULTS: Dict[str, Any] = {
         "max_minutes": None,
         "threads": 2,
         "attn_implementation": None,
+        "time_schedule": False,
     },
-    "loss": {"kl_weight": 0.0, "kl_temperature": 1.0, "ctc_weight": 0.0},
+    "loss": {"kl_weight": 0.0, "kl_temperature": 1.0, "ctc_weight": 0.0, "eot_weight": 0.0},
     "augment": {
         "noise_prob": 0.5,
         "snr_db": [5.0, 30.0],

@@ -100,6 +100,58 @@ def reply_ids(tokenizer, answer: str) -> List[int]:
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def turn_done(item: dict) -> bool:
+    """Whether a manifest item is a complete user turn (``done``, default true); false for a
+    request cut at a word boundary (``synth --cut-share``)."""
+    return bool(item.get("done", True))
+
+
+def last_audio_positions(input_ids: torch.Tensor, audio_token_id: int) -> torch.Tensor:
+    """[B] index of each row's last audio position. The end-of-turn decision is read there: the
+    logits at the last audio position predict the chat template's first token after the audio
+    (with ChatML, the user turn's closing ``<|im_end|>``)."""
+    is_audio = input_ids == audio_token_id
+    if not bool(is_audio.any(dim=1).all()):
+        raise ValueError("a row without audio positions")
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(is_audio, idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def end_of_turn_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, audio_token_id: int):
+    """(log p_done, log (1 - p_done), end-token ids), each [B]: p_done = softmax(logits at the last
+    audio position)[the token that follows the audio in the prompt], the engine's contract."""
+    pos = last_audio_positions(input_ids, audio_token_id)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    end_ids = input_ids[rows, pos + 1]
+    at = logits[rows, pos].float()
+    total = torch.logsumexp(at, dim=-1)
+    log_done = at.gather(1, end_ids[:, None])[:, 0] - total
+    others = at.scatter(1, end_ids[:, None], float("-inf"))
+    log_not = torch.logsumexp(others, dim=-1) - total
+    return log_done, log_not, end_ids
+
+
+def end_of_turn_loss(logits: torch.Tensor, input_ids: torch.Tensor, audio_token_id: int,
+                     done: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the end-of-turn decision: -log p_done for complete turns,
+    -log(1 - p_done) for cut ones, mean over the batch."""
+    log_done, log_not, _ = end_of_turn_log_probs(logits, input_ids, audio_token_id)
+    done = done.to(log_done.dtype)
+    return -(done * log_done + (1 - done) * log_not).mean()
+
+
+def reply_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (what the HF loss computes), and 0
+    (with a gradient path) for a batch without any (all its turns cut)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = int((shift_labels != IGNORE).sum())
+    if n == 0:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum") / n
+
+
 class Augmenter:
     """On-the-fly waveform augmentation: speed (resampling), gain, additive noise."""
 
@@ -154,6 +206,7 @@ class Batch:
     inputs: Dict[str, torch.Tensor]  # input_ids, attention_mask, input_features, feature_lengths, labels
     items: List[dict]
     text_inputs: Optional[Dict[str, torch.Tensor]] = None  # the transcript version (for KL / text mixing)
+    done: Optional[torch.Tensor] = None  # [B] 1.0 for a complete turn, 0.0 for a cut one
 
 
 def pad_sequences(seqs: Sequence[List[int]], labels: Sequence[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -265,6 +318,10 @@ class Collator:
         seqs, labels = [], []
         for i, item in enumerate(items):
             prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            if not turn_done(item):  # an unfinished turn: no reply to learn (see end_of_turn_loss)
+                seqs.append(prompt)
+                labels.append([IGNORE] * len(prompt))
+                continue
             reply = self.ids.reply(item["answer"])
             seqs.append(prompt + reply)
             labels.append([IGNORE] * len(prompt) + reply)
@@ -276,7 +333,8 @@ class Collator:
         inputs["feature_lengths"] = enc["feature_lengths"]
         text_inputs = text_batch(self.tokenizer, items, system_prompts, self.user_text, self.ids) if self.with_text \
             else None
-        return Batch(inputs, items, text_inputs)
+        done = torch.tensor([turn_done(it) for it in items], dtype=torch.float32)
+        return Batch(inputs, items, text_inputs, done)
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random, lengths: Optional[Sequence[float]] = None,

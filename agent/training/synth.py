@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from agent.training.domain import INTENTS, Domain, Example
+from agent.training.domain import INTENTS, OUT_OF_DOMAIN, Domain, Example, cut_points
 from agent.training.voices import is_reserved, reserved_voices, training_voices
 
 SAMPLE_RATE = 16000
@@ -130,7 +130,9 @@ def make_item(job: dict) -> dict:
     path = job["audio_filepath"]
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
     item = {k: job[k] for k in ("audio_filepath", "text", "answer", "intent", "voice", "reserved", "held_out",
-                                "slots", "speed", "pitch", "snr_db", "split", "seed")}
+                                "slots", "speed", "pitch", "snr_db", "split", "seed", "done")}
+    if not job["done"]:
+        item.update(full_text=job["full_text"], cut_words=job["cut_words"])
     item["duration"] = round(len(audio) / SAMPLE_RATE, 4)
     if job["snr_db"] is not None:
         item["noise"] = job["noise_color"]
@@ -139,9 +141,11 @@ def make_item(job: dict) -> dict:
 
 def plan_jobs(out_dir: str, split: str, n: int, voices: Sequence[str], seed: int, domain: Domain,
               speeds: Tuple[float, float], pitches: Tuple[float, float], noise_db: Optional[Tuple[float, float]],
-              noise_prob: float, weights: Optional[Dict[str, float]] = None, held_out_share: float = 0.5) -> List[dict]:
+              noise_prob: float, weights: Optional[Dict[str, float]] = None, held_out_share: float = 0.5,
+              cut_share: float = 0.0) -> List[dict]:
     voices = check_voices(voices, split)
     rng = random.Random(f"{split}-{seed}")
+    cut_rng = random.Random(f"{split}-{seed}-cut")  # its own stream: cut_share=0 leaves the rest unchanged
     include_held_out = split in ("val", "test")
     examples: List[Example] = domain.sample(n, rng, include_held_out=include_held_out, weights=weights,
                                             held_out_only_share=held_out_share if include_held_out else 0.0)
@@ -153,11 +157,17 @@ def plan_jobs(out_dir: str, split: str, n: int, voices: Sequence[str], seed: int
         snr = None
         if noise_db is not None and rng.random() < noise_prob:
             snr = round(rng.uniform(*noise_db), 1)
+        text, done, cut = ex.text, True, {}
+        points = cut_points(ex) if cut_share > 0 else []
+        if points and cut_rng.random() < cut_share:  # an unfinished turn: the first k words, spoken alone
+            k = cut_rng.choice(points)
+            text, done = " ".join(ex.text.split()[:k]), False
+            cut = {"full_text": ex.text, "cut_words": k}
         jobs.append({
             "index": i, "seed": seed, "split": split,
             "audio_filepath": os.path.abspath(os.path.join(wav_dir, f"{split}_{i:06d}.wav")),
-            "text": ex.text, "answer": ex.answer, "intent": ex.intent, "held_out": ex.held_out,
-            "slots": ex.slot_dict(),
+            "text": text, "answer": ex.answer, "intent": ex.intent, "held_out": ex.held_out,
+            "slots": ex.slot_dict(), "done": done, **cut,
             "voice": voices[rng.randrange(len(voices))] if split != "test" else voices[i % len(voices)],
             "speed": int(rng.uniform(*speeds)), "pitch": int(rng.uniform(*pitches)),
             "snr_db": snr, "noise_color": rng.choice(["white", "pink", "brown"]),
@@ -172,14 +182,15 @@ def synthesize(out_dir: str, split: str = "train", n: int = 1000, voices: Option
                seed: int = 0, domain_seed: int = 0, speeds: Tuple[float, float] = (120, 230),
                pitches: Tuple[float, float] = (15, 85), noise_db: Optional[Tuple[float, float]] = (5.0, 30.0),
                noise_prob: float = 0.5, workers: int = 2, manifest: Optional[str] = None,
-               weights: Optional[Dict[str, float]] = None, progress: bool = True, extra_vocab: bool = False) -> str:
+               weights: Optional[Dict[str, float]] = None, progress: bool = True, extra_vocab: bool = False,
+               cut_share: float = 0.0) -> str:
     """Render `n` items into `out_dir`; returns the manifest path (default `out_dir/<split>.jsonl`).
     `extra_vocab` (train split only) adds the training-only devices and rooms (domain.EXTRA_*)."""
     if extra_vocab and split != "train":
         raise ValueError("extra_vocab is for the train split only: val and test keep the domain's own words")
     voices = list(voices) if voices else default_voices(split)
     jobs = plan_jobs(out_dir, split, n, voices, seed, Domain(seed=domain_seed, extra_vocab=extra_vocab), speeds,
-                     pitches, noise_db, noise_prob, weights)
+                     pitches, noise_db, noise_prob, weights, cut_share=cut_share)
     os.makedirs(os.path.join(out_dir, "wavs"), exist_ok=True)
     manifest = manifest or os.path.join(out_dir, f"{split}.jsonl")
     items = []
@@ -205,6 +216,8 @@ def write_text_manifest(out_dir: str, domain_seed: int = 0, manifest: Optional[s
     with open(manifest, "w") as f:
         for examples in Domain(seed=domain_seed, extra_vocab=extra_vocab).all_examples(include_held_out=True).values():
             for ex in examples:
+                if ex.held_out and ex.intent == OUT_OF_DOMAIN:
+                    continue  # held-out out-of-domain phrasings stay out of the training text too
                 f.write(json.dumps({"text": ex.text, "answer": ex.answer, "intent": ex.intent,
                                     "held_out": ex.held_out, "slots": ex.slot_dict()}) + "\n")
                 n += 1
@@ -239,7 +252,11 @@ def main(argv=None) -> None:
     p.add_argument("--extra-vocab", action="store_true",
                    help="train/text: also the training-only devices and rooms (agent.training.domain.EXTRA_*)")
     p.add_argument("--weights", default=None,
-                   help="intent mix DEVICE,TIMER,ARITHMETIC (default 0.3,0.2,0.5)")
+                   help="intent mix DEVICE,TIMER,ARITHMETIC[,OUT_OF_DOMAIN] (default 0.28,0.17,0.38,0.17; "
+                        "three numbers: no out-of-domain requests)")
+    p.add_argument("--cut-share", type=float, default=0.0,
+                   help="fraction of utterances cut at a random word boundary: unfinished turns (done: false), "
+                        "for the end-of-turn decision; the first words are rendered by espeak-ng on their own")
     args = p.parse_args(argv)
     voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
     weights = None
@@ -248,9 +265,12 @@ def main(argv=None) -> None:
             parts = [float(w) for w in args.weights.split(",")]
         except ValueError:
             parts = []
-        if len(parts) != len(INTENTS) or min(parts) < 0 or sum(parts) <= 0:
-            p.error(f"--weights takes three non-negative numbers DEVICE,TIMER,ARITHMETIC, got {args.weights!r}")
+        if len(parts) not in (len(INTENTS) - 1, len(INTENTS)) or min(parts) < 0 or sum(parts) <= 0:
+            p.error(f"--weights takes three or four non-negative numbers DEVICE,TIMER,ARITHMETIC[,OUT_OF_DOMAIN], "
+                    f"got {args.weights!r}")
         weights = dict(zip(INTENTS, parts))
+    if not 0.0 <= args.cut_share <= 1.0:
+        p.error(f"--cut-share is a fraction in [0, 1], got {args.cut_share}")
     start = time.time()
     if args.split == TEXT_SPLIT:
         path, n = write_text_manifest(args.out, args.domain_seed, args.manifest, args.extra_vocab)
@@ -259,7 +279,8 @@ def main(argv=None) -> None:
     try:
         path = synthesize(args.out, args.split, args.n, voices, args.seed, args.domain_seed,
                           parse_range(args.speeds), parse_range(args.pitches), parse_range(args.noise_db),
-                          args.noise_prob, args.workers, args.manifest, weights, extra_vocab=args.extra_vocab)
+                          args.noise_prob, args.workers, args.manifest, weights, extra_vocab=args.extra_vocab,
+                          cut_share=args.cut_share)
     except ValueError as exc:  # reserved voices, extra vocabulary outside the train split
         p.error(str(exc))
     print(f"wrote {args.n} utterances and {path} in {time.time() - start:.1f} s")

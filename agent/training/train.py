@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from agent.training.config import load_config, save_config
-from agent.training.data import (Collator, ManifestDataset, TextPairSampler, epoch_batches, read_text_pairs,
-                                 text_batch)
+from agent.training.data import (Collator, ManifestDataset, TextPairSampler, end_of_turn_log_probs,
+                                 end_of_turn_loss, epoch_batches, read_text_pairs, reply_loss, text_batch, turn_done)
 from agent.training.lora import add_lora, has_lora, merged_copy
 
 STATE_FILE = "trainer_state.pt"
@@ -104,6 +104,20 @@ def nest_config_from_spec(spec: dict):
                             normalize=spec.get("normalize"), dropout=float(spec.get("dropout", 0.1)))
     if spec.get("conv_norm_type"):
         cfg.encoder.conv_norm_type = spec["conv_norm_type"]
+    from omegaconf import ListConfig
+
+    sizes = cfg.encoder.att_context_size
+    if len(sizes) and isinstance(sizes[0], (list, tuple, ListConfig)):
+        # NeMo's multi-lookahead training: a list of [left, right] contexts, one drawn per
+        # training forward with these probabilities; the first is the default at inference.
+        from agent.nest.configs import uniform_probs
+
+        probs = spec.get("att_context_probs") or uniform_probs(len(sizes))
+        if len(probs) != len(sizes) or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"att_context_probs {probs} must be one probability per att_context_size entry, summing to 1")
+        probs = [float(p) for p in probs]
+        probs[-1] = 1.0 - sum(probs[:-1])
+        cfg.encoder.att_context_probs = probs
     return cfg
 
 
@@ -231,7 +245,8 @@ class Trainer:
         # Text pairs for the LLM (pre-training and the text-mix loss): a text manifest if given
         # (the demo's holds every combination of the domain), else the training transcripts.
         self.own_text = not config["data"]["text_manifest"]  # text pairs = the batch's own transcripts
-        self.text_items = self.train_data.items if self.own_text else read_text_pairs(config["data"]["text_manifest"])
+        self.text_items = ([it for it in self.train_data.items if turn_done(it)] if self.own_text
+                           else read_text_pairs(config["data"]["text_manifest"]))
         corpus = sorted({t for it in self.train_data.items + self.text_items for t in (it["text"], it["answer"])})
         corpus += [p for p in config["prompt"]["system_prompts"] if p]
         self.step = 0
@@ -426,17 +441,25 @@ class Trainer:
         self.model.eval()
         prompts = self.config["prompt"]["system_prompts"] or [None]
         losses = []
+        eot_hits = eot_n = 0
         bs = int(self.config["train"]["batch_size"])
         for b in range(int(ec["val_batches"])):
             idx = list(range(b * bs, min(len(data), (b + 1) * bs)))
             if not idx:
                 break
             batch = collator(data, idx, train=False, system_prompts=[prompts[i % len(prompts)] for i in idx])
-            losses.append(float(self.model(**batch.inputs).loss))
+            labels = batch.inputs["labels"]
+            logits = self.model(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits
+            losses.append(float(reply_loss(logits, labels)))
+            log_done, _, _ = end_of_turn_log_probs(logits, batch.inputs["input_ids"], self.processor.audio_token_id)
+            eot_hits += int(((log_done.exp() > 0.5).float() == batch.done).sum())
+            eot_n += len(idx)
         inference = UltravoxInference.from_model(self.model, self.tokenizer)
-        hits, n = 0, min(int(ec["n_generate"]), len(data))
+        complete = [i for i in range(len(data)) if turn_done(data.items[i])]
+        n = min(int(ec["n_generate"]), len(complete))
+        hits = 0
         examples = []
-        for i in range(n):
+        for i in complete[:n]:
             system = prompts[i % len(prompts)]
             pred = inference.generate("", audio=data.wave(i), system_prompt=system,
                                       max_new_tokens=int(ec["max_new_tokens"]))
@@ -446,7 +469,8 @@ class Trainer:
                 examples.append(f"{data.items[i]['answer']!r} -> {pred!r}")
         self.model.train()
         self.model.audio_tower.preprocessor.eval()
-        return {"val_loss": float(np.mean(losses)) if losses else None, "val_exact": hits / max(1, n), "errors": examples}
+        return {"val_loss": float(np.mean(losses)) if losses else None, "val_exact": hits / max(1, n),
+                "val_eot_acc": eot_hits / max(1, eot_n), "errors": examples}
 
     # -- main loop ---------------------------------------------------------------------------
     def train(self) -> str:
@@ -463,8 +487,20 @@ class Trainer:
         groups = self._param_groups()
         opt = torch.optim.AdamW(groups, lr=float(tc["lr"]), betas=(0.9, 0.98))
         total = int(tc["steps"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, int(tc["warmup_steps"]), total, float(tc["min_lr_ratio"])))
+        max_seconds = float(tc["max_minutes"]) * 60 if tc.get("max_minutes") else None
+        time_schedule = bool(tc.get("time_schedule")) and max_seconds is not None
+        clock = {"start": None}
+
+        def schedule(s: int) -> float:
+            # train.time_schedule: the cosine runs on max(step / steps, time / max_minutes), so a
+            # slower (or shared) machine still ends at the floor lr when time runs out.
+            if time_schedule and clock["start"] is not None and s >= int(tc["warmup_steps"]):
+                frac = min(1.0, (time.time() - clock["start"]) / max_seconds)
+                warm = int(tc["warmup_steps"])
+                s = max(s, warm + int(frac * (total - warm)))
+            return lr_lambda(s, int(tc["warmup_steps"]), total, float(tc["min_lr_ratio"]))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         if self.resume_state is not None:
             opt.load_state_dict(self.resume_state["optimizer"])
             sched.load_state_dict(self.resume_state["scheduler"])
@@ -491,14 +527,22 @@ class Trainer:
         trainable = [p for g in groups for p in g["params"]]
         bar = tqdm(total=total, initial=self.step, desc="train", file=sys.stderr, mininterval=2.0)
         ema, utt, t0 = None, 0, time.time()
-        max_seconds = float(tc["max_minutes"]) * 60 if tc.get("max_minutes") else None
+        clock["start"] = start
         stopped_early = False
+        eot_weight = float(config["loss"].get("eot_weight", 0.0))
+        audio_id = self.processor.audio_token_id
         while self.step < total:
             batch = collator(self.train_data, next(batches), train=True)
             with autocast:
-                out = self.model(**batch.inputs)
-                loss = out.loss
+                labels = batch.inputs["labels"]
+                out = self.model(**{k: v for k, v in batch.inputs.items() if k != "labels"})
+                loss = reply_loss(out.logits, labels)  # the HF mean, and 0 for a batch of cut turns only
                 parts = {"ce": float(loss.detach())}
+                if eot_weight > 0:
+                    eot = end_of_turn_loss(out.logits, batch.inputs["input_ids"], audio_id, batch.done)
+                    loss = loss + eot_weight * eot
+                    parts["eot"] = float(eot.detach())
+                    parts["cut_share"] = float(1 - batch.done.mean())
                 if self.ctc_head is not None:
                     ctc = self.ctc_loss(batch.items)
                     loss = loss + float(config["loss"]["ctc_weight"]) * ctc
