@@ -186,7 +186,7 @@ def test_settings_validation_and_protocol_round_trip():
     with pytest.raises(ValueError, match="unknown turn_detection field"):
         TurnDetectionSettings.from_config({"type": "server_vad", "silence_ms": 5})
     with pytest.raises(ValueError, match="type"):
-        TurnDetectionSettings.from_config({"type": "semantic_vad"})
+        TurnDetectionSettings.from_config({"type": "energy_vad"})
     with pytest.raises(ValueError, match="object or null"):
         TurnDetectionSettings.from_config("server_vad")
 
@@ -206,3 +206,48 @@ def test_suffix_padding_holds_back_only_the_pause_beyond_it():
     assert TurnDetectionSettings.from_config({"suffix_padding_ms": 0}).suffix_padding_ms == 0
     with pytest.raises(ValueError, match="suffix_padding_ms"):
         TurnDetectionSettings(suffix_padding_ms=-5)
+
+
+# -- semantic_vad: the pause a turn needs is decided per pause ----------------------------------
+
+def test_semantic_silence_rises_from_the_floor_to_the_cap_as_the_model_doubts():
+    from agent.realtime.turns import SEMANTIC, semantic_silence_ms
+
+    for eagerness, (floor, cap) in SEMANTIC.items():
+        values = [semantic_silence_ms(p, eagerness) for p in (1.0, 0.9, 0.5, 0.1, 0.0)]
+        assert values[0] == floor and values[-1] == cap and values == sorted(values)
+    assert semantic_silence_ms(0.5, "high") < semantic_silence_ms(0.5, "medium") < semantic_silence_ms(0.5, "low")
+
+
+def feed_until_pause(det, utterance):
+    """Feed up to 260 ms into the (300 ms) pause after the first phrase; the events so far."""
+    audio, bounds = utterance
+    audio = np.concatenate([audio, np.zeros(2000 * MS, np.float32)])
+    upto = bounds[1] + 260 * MS
+    return det.feed(audio[:upto]), upto
+
+
+def test_semantic_vad_waits_the_cap_until_a_pause_is_decided_then_ends_at_the_decision(vad, utterance):
+    audio, bounds = utterance
+    audio = np.concatenate([audio, np.zeros(2000 * MS, np.float32)])  # 3 s of silence at the end
+    settings = TurnDetectionSettings.from_config({"type": "semantic_vad", "eagerness": "high"})
+    # undecided: the 300 ms pause inside the utterance does not end the turn; the final one does at the 2 s cap
+    det = TurnDetector(settings, vad=vad)
+    events = det.feed(audio)
+    stops = [e for e in events if isinstance(e, SpeechStopped)]
+    assert len(stops) == 1 and abs(stops[0].sample - bounds[3]) < TOLERANCE
+    assert 2000 <= stops[0].silence_ms < 2000 + 40  # the cap, to a VAD window
+    # decided at the pause: the model is sure (p 0.95): the turn ends inside the pause
+    det = TurnDetector(settings, vad=vad)
+    events, upto = feed_until_pause(det, utterance)
+    assert det.pending_silence_start is not None and not det.pause_decided
+    stopped = det.decide_pause(100, p_done=0.95)  # 100 ms < what has been heard: at once
+    assert len(stopped) == 1 and stopped[0].silence_ms >= 100 and stopped[0].p_done == 0.95
+    assert abs(stopped[0].sample - bounds[1]) < TOLERANCE
+    # decided long: the pause goes by, speech resumes, and the next pause decides anew
+    det = TurnDetector(settings, vad=vad)
+    events, upto = feed_until_pause(det, utterance)
+    assert det.decide_pause(1500, p_done=0.2) == []
+    rest = det.feed(audio[upto:])  # audio: the 3 s tail version
+    assert [type(e) for e in rest] == [SpeechStopped]  # only the final one, with the cap (undecided)
+    assert abs(rest[0].sample - bounds[3]) < TOLERANCE and rest[0].p_done is None

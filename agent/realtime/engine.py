@@ -241,6 +241,7 @@ class Engine:
         # (longer) clocked step of the sessions still talking.
         busy |= self._encode(listening=False)
         busy |= self._forward()
+        self._read_probes()
         busy |= self._pick_tokens()
         if self._encode(listening=True):
             busy = True
@@ -487,6 +488,12 @@ class Engine:
             stats["llm_decode_rows"] += decoding
         self._decoding.clear()
         return True
+
+    def _read_probes(self) -> None:
+        """semantic_vad: pauses whose end-of-turn probability came out of this forward decide now."""
+        for live in list(self.sessions.values()):
+            if live.awaiting_probe:
+                self._guard(live, live.on_end_of_turn_probe)
 
     def _pick_tokens(self) -> bool:
         """Every replying session whose logits are ready picks its next token (its own

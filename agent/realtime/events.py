@@ -27,6 +27,8 @@ class SpeechStartedEvent:
 class SpeechStoppedEvent:
     sample: int  # where the silence began
     end: int  # where the turn's audio ends (suffix padding into the silence)
+    silence_ms: Optional[int] = None  # semantic_vad: the pause the turn needed (chosen from p_done)
+    p_done: Optional[float] = None  # semantic_vad: the model's P(the user's turn is complete)
 
 
 @dataclass(frozen=True)

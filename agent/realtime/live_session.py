@@ -29,7 +29,7 @@ import torch
 from agent.realtime import events as ev
 from agent.realtime.config import SessionConfig
 from agent.realtime.session import Session, TurnTooLong
-from agent.realtime.turns import SpeechStarted, SpeechStopped, TurnDetector
+from agent.realtime.turns import SpeechStarted, SpeechStopped, TurnDetector, semantic_silence_ms
 
 SR = 16000
 # A pause that has lasted this long is treated as a possible end of turn: its
@@ -137,6 +137,7 @@ class LiveSession:
         self.speech_end_time: Optional[float] = None
         self.reply_options = ReplyOptions()  # for the next reply
         self.speculate = True
+        self.awaiting_probe = False  # semantic_vad: a pause's end-of-turn probability is on its way
         self._spec_refused: Optional[int] = None  # a pause whose speculative end could not run
 
     # -- phase ------------------------------------------------------------------
@@ -220,7 +221,7 @@ class LiveSession:
 
     def on_speech_stopped(self, event: SpeechStopped) -> None:
         self.speech_end_time = time.perf_counter()
-        self.emit(ev.SpeechStoppedEvent(event.sample, event.end))
+        self.emit(ev.SpeechStoppedEvent(event.sample, event.end, event.silence_ms, event.p_done))
         respond = self.config.turn_detection.create_response
         if self.phase is Phase.SPECULATING and self.spec.silence == event.sample:
             self.confirm_speculation()
@@ -293,7 +294,8 @@ class LiveSession:
 
     def _may_speculate(self, fed: int) -> bool:
         silence = self.detector.pending_silence_start
-        if not self.speculate or self.manual or silence is None or silence == self._spec_refused:
+        semantic = self.config.turn_detection.semantic  # it needs the speculative end's probe
+        if not (self.speculate or semantic) or self.manual or silence is None or silence == self._spec_refused:
             return False
         return fed >= silence + self.detector.suffix_padding and \
             self.detector.samples - silence >= SPECULATE_AFTER_MS * SR // 1000
@@ -329,8 +331,9 @@ class LiveSession:
     def _speculate(self, work: EncoderWork, encoder_before, frames: torch.Tensor) -> None:
         silence = self.detector.pending_silence_start
         snapshot = self.session.snapshot()
+        semantic = self.config.turn_detection.semantic
         try:
-            self.session.end_turn(frames=frames)
+            self.session.end_turn(frames=frames, probe=semantic)
         except ValueError:  # no audio yet: nothing to speculate on; the real end will say so
             self.session.restore(snapshot)
             self.encoder_state = encoder_before
@@ -340,6 +343,22 @@ class LiveSession:
         self.spec = Speculation(silence, snapshot, encoder_before, work.start)
         self._enter(Phase.SPECULATING)
         self.stats["speculations"] += 1
+        self.awaiting_probe = semantic
+        if semantic:
+            self.on_end_of_turn_probe()  # a private LLM state has it already
+
+    def on_end_of_turn_probe(self) -> None:
+        """semantic_vad: the model's P(done) at this pause is in (after the engine's
+        forward): it sets how long the pause must last to end the turn."""
+        if not self.awaiting_probe or self.phase is not Phase.SPECULATING:
+            self.awaiting_probe = False
+            return
+        p_done = self.session.end_of_turn_probability()
+        if p_done is None:
+            return  # the forward has not run yet
+        self.awaiting_probe = False
+        silence_ms = semantic_silence_ms(p_done, self.config.turn_detection.eagerness)
+        self.on_turn_events(self.detector.decide_pause(silence_ms, p_done))
 
     def rollback_speculation(self) -> None:
         if self.phase is Phase.SPECULATING:
@@ -347,6 +366,7 @@ class LiveSession:
             self.encoder_state = self.spec.encoder_state
             self.turn.fed = self.spec.fed  # the flush's call took audio too: it goes to the encoder again
             self.spec = None
+            self.awaiting_probe = False
             self._enter(Phase.LISTENING)
             self.stats["speculation_rollbacks"] += 1
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from transformers.cache_utils import Cache
@@ -183,12 +183,20 @@ class BatchedLLM:
 
     def _run(self, todo: List["SlotLLMState"], takes: List[int], forward) -> None:
         pieces = [s._take(n) for s, n in zip(todo, takes)]
+        # probes: (row, offset in its piece) whose logits were asked for (`SlotLLMState.probe`)
+        probes = [(r, p - s._committed) for r, (s, n) in enumerate(zip(todo, takes))
+                  for p in s._probes if s._committed <= p < s._committed + n]
         try:
-            logits = forward([s.slot for s in todo], [s._committed for s in todo], pieces)
+            logits = forward([s.slot for s in todo], [s._committed for s in todo], pieces, probes)
         except BaseException:
             for s in todo:  # nothing was committed; the queued work is lost with the failed call
                 s._drop_pending()
             raise
+        logits, probed = logits[: len(todo)], logits[len(todo):]
+        for (r, offset), row in zip(probes, probed):
+            s = todo[r]
+            s.probed[s._committed + offset] = row
+            s._probes.remove(s._committed + offset)
         for s, piece, row in zip(todo, pieces, logits):
             s._committed += piece.shape[0]
             s._consume(piece.shape[0])
@@ -201,6 +209,7 @@ class BatchedLLM:
         return [t.to(device=self.device, non_blocking=True) for t in tensors]
 
     def _run_decoder(self, x, mask, position_ids, plan: ForwardPlan, last) -> torch.Tensor:
+        """Logits at the flat token indices `last` (each row's last real token, then any probes)."""
         mask, position_ids, last = self._send(mask, position_ids, last)
         self.cache.plan = plan
         try:
@@ -210,7 +219,8 @@ class BatchedLLM:
             self.cache.plan = None
         return self.head(hidden.flatten(0, 1)[last]).float()  # each row's last real token
 
-    def _forward_rows(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
+    def _forward_rows(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor],
+                      probes=()) -> torch.Tensor:
         """Batch row r = slot r's piece, right-padded; each row attends to its own slot."""
         lengths = [p.shape[0] for p in pieces]
         batch, width = len(pieces), max(lengths)
@@ -231,9 +241,11 @@ class BatchedLLM:
         plan = ForwardPlan(src_rows, src_cols, write_slot, write_pos, kv_len, read_slots=read_slots,
                            read_view=slice(slots[0], slots[0] + batch) if consecutive else None)
         last = torch.arange(batch) * width + torch.tensor(lengths) - 1
+        last = torch.cat([last, torch.tensor([r * width + c for r, c in probes], dtype=torch.long)])
         return self._run_decoder(x, mask, position_ids, plan, last)
 
-    def _forward_packed(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor]) -> torch.Tensor:
+    def _forward_packed(self, slots: List[int], starts: List[int], pieces: List[torch.Tensor],
+                        probes=()) -> torch.Tensor:
         """Every piece end to end in ONE sequence: each token attends to its own slot's
         history and the tokens before it in its piece (no padding)."""
         lengths = [p.shape[0] for p in pieces]
@@ -252,7 +264,9 @@ class BatchedLLM:
             torch.zeros(n, dtype=torch.long), torch.arange(n), slot_t[owner], positions, slot_t[read_owner], read_pos)
         plan = ForwardPlan(src_rows, src_cols, write_slot, write_pos, kv_len=int(read_pos.numel()),
                            read_slot=read_slot, read_pos=read_pos_d)
-        last = torch.tensor(lengths).cumsum(0) - 1
+        ends = torch.tensor(lengths).cumsum(0)
+        last = torch.cat([ends - 1, torch.tensor([int(ends[r]) - lengths[r] + c for r, c in probes],
+                                                  dtype=torch.long)])
         return self._run_decoder(x, mask, positions.unsqueeze(0), plan, last)
 
 
@@ -270,6 +284,8 @@ class SlotLLMState:
         self._pending_len = 0
         self.pending_since: Optional[float] = None  # perf_counter when the queued work began
         self._logits: Optional[torch.Tensor] = None
+        self._probes: List[int] = []  # positions whose logits are wanted when they run
+        self.probed: Dict[int, torch.Tensor] = {}  # position -> the next-token logits there
 
     # -- bookkeeping ---------------------------------------------------------------
     @property
@@ -293,6 +309,22 @@ class SlotLLMState:
         self._pending_len = 0
         self.pending_since = None
         self._logits = None
+        self._probes, self.probed = [], {}
+
+    def probe(self) -> int:
+        """Ask for the next-token logits at the last position queued so far (e.g. after a
+        turn's audio, before its template text): they land in `probed[position]` when
+        that position runs, in the same batched forward. Returns the position."""
+        position = self.positions - 1
+        if position < 0:
+            raise ValueError("nothing pre-filled yet")
+        if position < self._committed:  # already run: only its logits if they are the last
+            if self._logits is None or position != self._committed - 1:
+                raise ValueError("that position already ran without its logits kept")
+            self.probed[position] = self._logits
+        else:
+            self._probes.append(position)
+        return position
 
     def truncate(self, positions: int) -> None:
         """Keep the first `positions` positions (queued ones included); `last_logits`
@@ -318,6 +350,8 @@ class SlotLLMState:
             self._pending_len = 0
             self.pending_since = None
         self._logits = None
+        self._probes = [p for p in self._probes if p < positions]
+        self.probed = {p: v for p, v in self.probed.items() if p < positions}
 
     @property
     def last_logits(self) -> Optional[torch.Tensor]:

@@ -17,7 +17,7 @@ Written against the transformers >= 5 cache API (`cache=` keyword,
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
@@ -66,6 +66,15 @@ class LLMState:
         self.cache = self._cache_class(config=self.model.config)
         self.positions = 0
         self.last_logits: Optional[torch.Tensor] = None
+        self.probed: Dict[int, torch.Tensor] = {}
+
+    def probe(self) -> int:
+        """The next-token logits at the last position so far, in `probed[position]`
+        (this state runs every call at once: they are the last call's)."""
+        if self.last_logits is None:
+            raise ValueError("nothing pre-filled yet (or truncated since)")
+        self.probed[self.positions - 1] = self.last_logits
+        return self.positions - 1
 
     @property
     def remaining(self) -> int:
@@ -92,6 +101,7 @@ class LLMState:
         self.cache.crop(positions - self.positions)  # transformers 5: a negative count of tokens to drop
         self.positions = positions
         self.last_logits = None
+        self.probed = {p: v for p, v in self.probed.items() if p < positions}
 
     # -- model calls -----------------------------------------------------------------
     @torch.no_grad()

@@ -257,12 +257,9 @@ def apply_session_update(patch: schema.SessionPatch, config: SessionConfig, wire
 
 
 def _turn_detection(value, current: TurnDetectionSettings, param: str, event_id) -> TurnDetectionSettings:
-    if value is not None and value.get("type") == "semantic_vad":
-        raise ProtocolError("invalid_session_config", "semantic_vad is not supported yet: use server_vad or null",
-                            event_id, f"{param}.type")
     if value is not None:
         value = {k: v for k, v in value.items() if v is not None and k != "idle_timeout_ms"}
-        if current.mode == "server_vad":  # a partial object updates the current settings
+        if current.mode == value.get("type", "server_vad"):  # a partial object updates the current settings
             value = {**current.to_config(), **value}
     try:
         return TurnDetectionSettings.from_config(value)

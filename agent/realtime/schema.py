@@ -125,6 +125,11 @@ class SemanticVad(Strict):
     eagerness: Optional[Literal["low", "medium", "high", "auto"]] = None
     create_response: Optional[bool] = None
     interrupt_response: Optional[bool] = None
+    # the VAD under it (nestvox extensions, as in server_vad; session.created shows them)
+    threshold: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    prefix_padding_ms: Optional[int] = Field(None, ge=0, le=5000)
+    suffix_padding_ms: Optional[int] = Field(None, ge=0, le=10000)
+    min_speech_duration_ms: Optional[int] = Field(None, ge=0, le=5000)
 
 
 class AudioInput(Strict):

@@ -87,6 +87,7 @@ class Turn:
     audio_positions: int = 0
     ended: bool = False
     times: TurnTimes = field(default_factory=TurnTimes)
+    done_probe: Optional[tuple] = None  # (KV position of the last audio, the token that closes the turn)
 
 
 @dataclass
@@ -196,11 +197,16 @@ class Session:
             self._replay_turn()  # the turn's embeddings, these included
         return embeds.shape[0]
 
-    def end_turn(self, frames: torch.Tensor, speech_end: Optional[float] = None) -> None:
+    def end_turn(self, frames: torch.Tensor, speech_end: Optional[float] = None, probe: bool = False) -> None:
         """End of the user turn: the encoder's last `frames` (its flush), the partial
         frame group, and the rest of the user turn and the assistant header go into
         ONE LLM pre-fill (the LLM step is weight-bandwidth bound: one call, not two,
-        after the user stops)."""
+        after the user stops).
+
+        `probe`: also keep the logits at the turn's last audio position, whose
+        probability of the template's next token (the end of the user turn) says
+        whether the user is done (`end_of_turn_probability`); a batched slot gets them
+        from the same forward, a private state with one more call."""
         turn = self.turn
         if turn is None or turn.ended:
             raise RuntimeError("no user turn in progress")
@@ -213,16 +219,36 @@ class Session:
         after = self._user_ids().after
         with torch.no_grad():
             tail = self.model.language_model.get_input_embeddings()(torch.tensor(after, device=self.llm.device))
-        tail = tail if audio is None else torch.cat([audio.to(tail.dtype), tail])
         try:
-            self.llm.prefill_embeds(tail)
+            if probe:
+                if audio is not None:
+                    self.llm.prefill_embeds(audio.to(tail.dtype))
+                turn.done_probe = (self.llm.probe(), after[0])
+                self.llm.prefill_embeds(tail)
+            else:
+                self.llm.prefill_embeds(tail if audio is None else torch.cat([audio.to(tail.dtype), tail]))
         except ContextFull:
             self._restart_conversation()
             self._replay_turn()
+            if probe:
+                turn.done_probe = (self.llm.probe(), after[0])
             self.llm.prefill_ids(after)
         turn.ended = True
         self.audio_in_context += turn.audio_positions
         self._user_message_ended({"role": "user", "content": user_content(self.user_text, self.placeholder)})
+
+    def end_of_turn_probability(self) -> Optional[float]:
+        """P(the user's turn is complete) at the ended turn's audio, from a probed
+        `end_turn`: the model's probability of the token that closes the user turn
+        (ChatML: `<|im_end|>`) right after the audio. None until that forward ran."""
+        turn = self.turn
+        if turn is None or turn.done_probe is None:
+            return None
+        position, token = turn.done_probe
+        logits = self.llm.probed.get(position)
+        if logits is None:
+            return None
+        return float(torch.softmax(logits.float(), dim=-1)[token])
 
     def _user_message_ended(self, message: dict) -> None:
         self.history.append(message)
@@ -342,6 +368,7 @@ class Session:
         del self.history[snap["history"]:]
         turn.times = snap["times"]
         turn.ended = False
+        turn.done_probe = None
         self.audio_in_context = snap["audio_in_context"]
         self.header_positions = snap["header_positions"]
 

@@ -33,6 +33,7 @@ class SingleStream:
         (self.encoder_state,), (frames,) = self.streamer.step([self.encoder_state], [audio])
         return self.session.accept_frames(frames)
 
-    def end_turn(self, speech_end: Optional[float] = None) -> None:
+    def end_turn(self, speech_end: Optional[float] = None, probe: bool = False) -> None:
+        """`probe`: keep the end-of-turn probability (`session.end_of_turn_probability()`)."""
         (self.encoder_state,), (frames,) = self.streamer.flush([self.encoder_state])
-        self.session.end_turn(frames=frames, speech_end=speech_end)
+        self.session.end_turn(frames=frames, speech_end=speech_end, probe=probe)

@@ -14,6 +14,11 @@ Two modes, as in the OpenAI Realtime API's `turn_detection`:
   (`SpeechStopped.end`): speech models are trained on recordings that end in a
   little silence (the demo model's on 0.05-0.35 s), and a turn cut exactly where
   the VAD first heard silence is answered less accurately (README, "Turn end").
+- `semantic_vad`: the same VAD finds speech and pauses, but how long a pause
+  must last to end the turn is decided per pause from the content: the caller
+  (the engine, from the LLM's probability that the user's turn is complete, read
+  at the pause) calls `decide_pause(silence_ms)`. Until then, and for a pause
+  the model doubts, the turn waits up to the eagerness's cap (`SEMANTIC`).
 - `manual`: nothing is detected (the VAD does not even run); the client ends a
   turn with `commit()`.
 
@@ -35,7 +40,19 @@ import numpy as np
 
 from agent.realtime.vad import SAMPLE_RATE, WINDOW, SileroVad, VadStream, as_float_audio
 
-MODES = ("server_vad", "manual")
+MODES = ("server_vad", "semantic_vad", "manual")
+EAGERNESS = ("low", "medium", "high", "auto")
+# semantic_vad, per eagerness: (the silence that ends a turn the model is sure of, the longest
+# wait for one it doubts), in ms; OpenAI's caps: low 8 s, medium 4 s, high 2 s; auto = medium.
+SEMANTIC = {"low": (500, 8000), "medium": (300, 4000), "high": (200, 2000), "auto": (300, 4000)}
+
+
+def semantic_silence_ms(p_done: float, eagerness: str = "auto") -> int:
+    """How long a pause must last to end the turn, given P(the user is done): the floor
+    when sure, rising steeply to the cap as the model doubts ((1 - p)^2)."""
+    floor, cap = SEMANTIC[eagerness]
+    p = min(max(float(p_done), 0.0), 1.0)
+    return int(round(floor + (cap - floor) * (1.0 - p) ** 2))
 NEG_THRESHOLD_GAP = 0.15  # below threshold - gap counts as silence; in between keeps the current state
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
@@ -60,10 +77,13 @@ class TurnDetectionSettings:
     min_speech_duration_ms: int = 64
     create_response: bool = True
     interrupt_response: bool = True
+    eagerness: str = "auto"  # semantic_vad only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"turn detection mode must be one of {MODES}, got {self.mode!r}")
+        if self.eagerness not in EAGERNESS:
+            raise ValueError(f"eagerness must be one of {EAGERNESS}, got {self.eagerness!r}")
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
             raise ValueError(f"threshold must be a number in (0, 1), got {t!r}")
@@ -91,9 +111,17 @@ class TurnDetectionSettings:
             raise ValueError(f"turn_detection must be an object or null, got {type(config).__name__}")
         config = dict(config)
         kind = config.pop("type", "server_vad")
-        if kind != "server_vad":
-            raise ValueError(f"turn_detection type must be 'server_vad' (or null for manual), got {kind!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"mode"}
+        if kind not in ("server_vad", "semantic_vad"):
+            raise ValueError(f"turn_detection type must be 'server_vad' or 'semantic_vad' (or null for manual), "
+                             f"got {kind!r}")
+        if kind == "semantic_vad":
+            known = {"eagerness", "create_response", "interrupt_response", "threshold", "prefix_padding_ms",
+                     "suffix_padding_ms", "min_speech_duration_ms"}
+            unknown = sorted(set(config) - known)
+            if unknown:
+                raise ValueError(f"unknown semantic_vad field(s) {unknown}; known: {sorted(known)}")
+            return cls(mode="semantic_vad", **config)
+        known = {f.name for f in dataclasses.fields(cls)} - {"mode", "eagerness"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown turn_detection field(s) {unknown}; known: {sorted(known)}")
@@ -105,7 +133,15 @@ class TurnDetectionSettings:
             return None
         fields = dataclasses.asdict(self)
         del fields["mode"]
+        if self.mode == "semantic_vad":
+            del fields["silence_duration_ms"]
+            return {"type": "semantic_vad", **fields}
+        del fields["eagerness"]
         return {"type": "server_vad", **fields}
+
+    @property
+    def semantic(self) -> bool:
+        return self.mode == "semantic_vad"
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,8 @@ class SpeechStopped:
     sample: int
     detected_at: int
     end: int
+    silence_ms: Optional[int] = None  # semantic_vad: the pause this turn needed
+    p_done: Optional[float] = None  # semantic_vad: the model's P(the user is done) at it
 
 
 @dataclass(frozen=True)
@@ -165,11 +203,47 @@ class TurnDetector:
         self._state = _IDLE
         self._onset = 0
         self._silence_start: Optional[int] = None
+        self._pause_decision: Optional[tuple] = None  # semantic_vad: (silence ms, p_done) for this pause
 
     @property
     def suffix_padding(self) -> int:
         """Samples of the closing silence that belong to the turn."""
-        return min(self.settings.suffix_padding_ms, self.settings.silence_duration_ms) * SAMPLES_PER_MS
+        s = self.settings
+        shortest = SEMANTIC[s.eagerness][0] if s.semantic else s.silence_duration_ms
+        return min(s.suffix_padding_ms, shortest) * SAMPLES_PER_MS
+
+    def _silence_needed(self) -> int:
+        """Samples of silence that end the turn at the pause now running."""
+        s = self.settings
+        if not s.semantic:
+            return s.silence_duration_ms * SAMPLES_PER_MS
+        if self._pause_decision is not None:
+            return self._pause_decision[0] * SAMPLES_PER_MS
+        return SEMANTIC[s.eagerness][1] * SAMPLES_PER_MS  # undecided: the cap
+
+    @property
+    def pause_decided(self) -> bool:
+        return self._pause_decision is not None
+
+    def decide_pause(self, silence_ms: int, p_done: Optional[float] = None) -> List[TurnEvent]:
+        """semantic_vad: the pause running now ends the turn once it lasts `silence_ms`;
+        returns the SpeechStopped at once if it already has (by the windows decided)."""
+        if self._state != _SPEECH or self._silence_start is None:
+            return []
+        self._pause_decision = (int(silence_ms), p_done)
+        return self._maybe_stop(self._decided)
+
+    def _maybe_stop(self, end: int) -> List[TurnEvent]:
+        if self._silence_start is None or end - self._silence_start < self._silence_needed():
+            return []
+        decision = self._pause_decision or (None, None)
+        turn_end = self._silence_start + self.suffix_padding
+        waited = (end - self._silence_start) // SAMPLES_PER_MS if self.settings.semantic else None
+        event = SpeechStopped(sample=self._silence_start, detected_at=end, end=turn_end, silence_ms=waited,
+                              p_done=decision[1])
+        self._floor = turn_end
+        self._clear_speech()
+        return [event]
 
     @property
     def in_speech(self) -> bool:
@@ -255,7 +329,6 @@ class TurnDetector:
         s = self.settings
         events: List[TurnEvent] = []
         self._decided = first_window + len(probs) * WINDOW
-        silence = s.silence_duration_ms * SAMPLES_PER_MS
         min_speech = s.min_speech_duration_ms * SAMPLES_PER_MS
         for k, p in enumerate(np.asarray(probs, dtype=np.float32)):
             start = first_window + k * WINDOW
@@ -271,12 +344,8 @@ class TurnDetector:
                                             detected_at=end))
             elif self._state == _SPEECH:
                 if p >= s.threshold:
-                    self._silence_start = None
+                    self._silence_start = self._pause_decision = None  # speech resumed: a new pause decides anew
                 elif p < s.neg_threshold and self._silence_start is None:
                     self._silence_start = start
-                if self._silence_start is not None and end - self._silence_start >= silence:
-                    turn_end = self._silence_start + self.suffix_padding
-                    events.append(SpeechStopped(sample=self._silence_start, detected_at=end, end=turn_end))
-                    self._floor = turn_end
-                    self._clear_speech()
+                events += self._maybe_stop(end)
         return events

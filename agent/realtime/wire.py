@@ -38,6 +38,14 @@ def _usage(event: ev.ResponseDoneEvent) -> dict:
             "output_token_details": {"text_tokens": event.output_tokens, "audio_tokens": 0}}
 
 
+def _semantic(event: ev.SpeechStoppedEvent) -> dict:
+    """semantic_vad's choice (our extension): the silence waited, and why."""
+    if event.silence_ms is None:
+        return {}
+    return {"silence_ms": event.silence_ms,
+            "end_of_turn_probability": event.p_done}
+
+
 def _status_details(event: ev.ResponseDoneEvent) -> Optional[dict]:
     if event.status == "completed":
         return None
@@ -171,7 +179,7 @@ class GAEvents(ServerEvents):
             # audio_end_*: where the silence began; turn_end_*: where the turn's audio ends (our extension)
             return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": _ms(event.sample),
                      "item_id": self._user_item_id(), "audio_end_sample": event.sample,
-                     "turn_end_ms": _ms(event.end), "turn_end_sample": event.end}]
+                     "turn_end_ms": _ms(event.end), "turn_end_sample": event.end, **_semantic(event)}]
         if isinstance(event, ev.CommittedEvent):
             item_id, self.user_item = self._user_item_id(), None
             item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
@@ -312,7 +320,8 @@ class BetaEvents(ServerEvents):
                      "audio_start_sample": event.sample}]
         if isinstance(event, ev.SpeechStoppedEvent):
             return [{"type": "input_audio_buffer.speech_stopped", "audio_end_ms": _ms(event.sample),
-                     "audio_end_sample": event.sample, "turn_end_ms": _ms(event.end), "turn_end_sample": event.end}]
+                     "audio_end_sample": event.sample, "turn_end_ms": _ms(event.end), "turn_end_sample": event.end,
+                     **_semantic(event)}]
         if isinstance(event, ev.CommittedEvent):
             self.last_item = self.new_item_id()
             return [{"type": "input_audio_buffer.committed", "item_id": self.last_item}]
