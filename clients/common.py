@@ -26,7 +26,8 @@ as `response.output_audio.delta` (base64 PCM16 mono at the output rate) with
 `response.output_audio_transcript.delta` / `.done` (its text). `TurnResult` keeps
 the decoded audio (`audio_pcm`, `audio_chunks`, `output_rate`, `audio_seconds`), the
 transcript (`transcript`; `text` is the transcript when no output_text came) and the
-assistant item's id (`item_id`, for conversation.item.truncate).
+assistant item's id (`item_id`: `await conn.truncate(item_id, audio_end_ms)` sends
+conversation.item.truncate after a barge-in and returns conversation.item.truncated).
 
 The clients send the model's 16 kHz by default (`MODEL_RATE`) and declare it in
 session.update, so the server does not resample (the GA default, 24 kHz, is one
@@ -448,6 +449,22 @@ class Connection:
                     continue  # about an earlier event, not this update
                 raise UpdateRefused(err["code"], f"the server refused session.update {json.dumps(session)}: "
                                     f"{describe_error(err)}", err)
+
+    async def truncate(self, item_id: str, audio_end_ms: float, timeout: float = 10.0) -> dict:
+        """conversation.item.truncate: the spoken reply `item_id` becomes its first
+        `audio_end_ms` (what the user heard) -> the conversation.item.truncated event.
+        TurnFailed on the error event that answers it (item_truncate_not_possible, ...)."""
+        event_id = await self.send_event({"type": "conversation.item.truncate", "item_id": item_id,
+                                          "content_index": 0, "audio_end_ms": int(audio_end_ms)})
+        deadline = time.monotonic() + timeout
+        while True:
+            event = await self.recv_event(max(0.01, deadline - time.monotonic()))
+            if event["type"] == "conversation.item.truncated" and event.get("item_id") == item_id:
+                return event
+            if event["type"] == "error":
+                err = error_of(event)
+                if err["event_id"] in (None, event_id):
+                    raise TurnFailed(err["code"], f"the server refused the truncate: {describe_error(err)}", err)
 
     async def close(self) -> None:
         try:

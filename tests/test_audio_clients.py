@@ -352,3 +352,29 @@ async def test_load_with_spoken_and_written_callers(server, speech_wav):
     text = format_report(report)
     assert "1 spoken, 1 text" in text and "audio callers: latency (ms)" in text and "server e2fa" in text
     assert "spoken reply length: p50" in text
+
+
+async def test_truncate_shortens_what_the_next_turn_hears(server, tmp_path):
+    """Connection.truncate after a spoken reply: the server answers conversation.item.truncated,
+    and the next turn is decoded from a shorter context than without the truncate."""
+    contexts = {}
+    for cut in (False, True):
+        conn = await common.connect(server.url)
+        async with conn:
+            await conn.update(**common.reply_audio())
+            first = await common.run_text_turn(conn, "set a timer for twelve minutes")
+            assert first.spoken and first.audio_seconds > 1.0
+            if cut:
+                truncated = await conn.truncate(first.item_id, 400)
+                assert truncated["item_id"] == first.item_id and truncated["audio_end_ms"] == 400
+                assert truncated["content_index"] == 0
+            second = await common.run_text_turn(conn, "what is seven times eight")
+            assert second.spoken
+            contexts[cut] = second.usage["input_tokens"]
+    assert contexts[True] < contexts[False], contexts  # the unheard part of the reply left the context
+    # truncating an item that does not exist is refused with an error event
+    conn = await common.connect(server.url)
+    async with conn:
+        with pytest.raises(common.TurnFailed) as err:
+            await conn.truncate("item_nope", 100, timeout=5)
+        assert err.value.code and err.value.error["event_id"]
