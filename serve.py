@@ -67,6 +67,9 @@ def parse_args(argv=None):
                         "decoding on a CPU, results no longer bit-equal to fp32)")
     p.add_argument("--chunk-sizes-ms", default=env("CHUNK_SIZES_MS", "80,160,320,640,1280"),
                    help="chunk sizes a session may ask for (session.update chunk_ms), built at start-up")
+    p.add_argument("--speculation", choices=["on", "off"], default=env("SPECULATION", "on"),
+                   help="on: a pause's end-of-turn work runs during the VAD's silence (rolled back if speech "
+                        "resumes); off: after it (for comparison)")
     p.add_argument("--tts", choices=["espeak", "piper", "none"], default=env("TTS", "espeak"),
                    help="engine of spoken replies (GA output_modalities [\"audio\"]); none: text replies only")
     p.add_argument("--tts-voice", default=env("TTS_VOICE", None),
@@ -191,7 +194,8 @@ def build_server(args):
     engine = Engine(inference.model, inference.tokenizer, streamer, max_batch=args.max_batch,
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
                     offered_chunk_ms=offered, encoder_step_ms=args.encoder_step_ms,
-                    prefill_delay_ms=args.prefill_delay_ms, max_positions=args.max_positions or None)
+                    prefill_delay_ms=args.prefill_delay_ms, max_positions=args.max_positions or None,
+                    speculate=args.speculation == "on")
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,

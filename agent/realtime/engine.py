@@ -76,7 +76,7 @@ class Engine:
     def __init__(self, model, tokenizer, streamer, max_batch: int = 32, llm_batching: bool = True,
                  max_sessions: int = 16, offered_chunk_ms: Sequence[int] = OFFERED_CHUNK_MS,
                  max_positions: Optional[int] = None, encoder_step_ms: float = 640.0,
-                 prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01):
+                 prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01, speculate: bool = True):
         """`streamer`: the default StreamingNestEncoder; one more is built at start-up
         for every chunk size in `offered_chunk_ms`. `max_sessions`: LLM cache slots.
         `max_positions`: each slot's context budget (default: the model's, at most
@@ -88,7 +88,10 @@ class Engine:
         (one NEST-L step costs about the same for 160 ms of audio as for 640 ms),
         over more audio. A turn's end flushes at once, off the clock. `prefill_delay_ms`: the longest a listening
         session's audio groups wait for a forward that runs anyway (see _forward).
-        Neither delays a turn's end: speculation runs the flush during the silence."""
+        Neither delays a turn's end: speculation runs the flush during the silence.
+        `speculate`: False turns that off (server_vad then does all end-of-turn work
+        after the silence; semantic_vad still speculates: it needs the probe)."""
+        self.speculate = speculate
         if encoder_step_ms < 0:
             raise ValueError(f"encoder_step_ms must be >= 0, got {encoder_step_ms}")
         self.model = model.eval()
@@ -275,6 +278,7 @@ class Engine:
                               settings=config.generation(), max_positions=config.max_positions, llm=llm)
             self.sessions[sid] = LiveSession(sid, config, emit, session, self.streamer_for, self.vad(), self.stats,
                                              encoder_step_ms=self.encoder_step_s * 1000.0)
+            self.sessions[sid].speculate = self.speculate
         except Exception as exc:
             if llm is not None:
                 self.llm.close(llm)
