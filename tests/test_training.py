@@ -82,8 +82,10 @@ def test_test_split_uses_reserved_voices_and_held_out_combos(tmp_path):
                          None, 0.0)
     assert not any(j["reserved"] for j in val_jobs)
     held_val = [j for j in val_jobs if j["held_out"]]
-    assert held_val and all(j["intent"] == "device" for j in held_val)
-    assert {(j["slots"]["device"], j["slots"]["room"]) for j in held_val} <= Domain(seed=0).held_out
+    assert held_val and {j["intent"] for j in held_val} == {"device", "out_of_domain"}
+    held_devices = [j for j in held_val if j["intent"] == "device"]
+    assert {(j["slots"]["device"], j["slots"]["room"]) for j in held_devices} <= Domain(seed=0).held_out
+    assert {j["slots"]["template"] for j in held_val if j["intent"] == "out_of_domain"} <= Domain(seed=0).held_out_ood
 
 
 def test_text_manifest_holds_every_pair_and_sampler_balances_intents(tmp_path):
