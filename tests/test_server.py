@@ -231,6 +231,13 @@ async def test_healthz_and_metrics(server, inference, speech):
     assert "nestvox_sessions_total" in metrics and "nestvox_turns_total 1" in metrics
     assert 'nestvox_latency_ms_count{stage="speech_end_to_first_token"} 1' in metrics
     assert "nestvox_encoder_batch_size_bucket" in metrics
+    # compute per chunk size: the encoder's seconds and the audio seconds they encoded (its real-time factor)
+    import re
+    chunk = int(server.engine.streamer_for(None).chunk_ms)
+    seconds = float(re.search(rf'nestvox_encoder_seconds_total{{chunk_ms="{chunk}"}} ([0-9.e+-]+)', metrics).group(1))
+    audio = float(re.search(rf'nestvox_encoder_audio_seconds_total{{chunk_ms="{chunk}"}} ([0-9.e+-]+)',
+                            metrics).group(1))
+    assert seconds > 0 and 1.0 < audio < 5.0  # the turn's ~2 s of speech (plus padding), encoded once
     page = (await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/client").read())).decode()
     assert "/v1/realtime" in page and "getUserMedia" in page
 

@@ -37,7 +37,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,8 @@ class Engine:
         self._rotation = -1
         self._decoding: set = set()  # sessions whose picked token waits for the next forward
         self.stats = new_stats()
-        self.on_encoder_batch: Optional[Callable[[int], None]] = None  # metrics hook
+        # metrics hook: (chunk_ms, batch sizes of the call, its seconds, the audio seconds it encoded)
+        self.on_encoder_step: Optional[Callable[[int, List[int], float, float], None]] = None
 
     # -- chunk sizes ---------------------------------------------------------------
     def streamer_for(self, chunk_ms: Optional[int]):
@@ -403,14 +404,17 @@ class Engine:
                 for live, _ in members:
                     live.encoder_failed(exc)
                 continue
-            stats["encoder_seconds"] += time.perf_counter() - start
-            stats["audio_seconds"] += sum(work.audio.numel() for _, work in members) / SR
+            seconds = time.perf_counter() - start
+            audio_seconds = sum(work.audio.numel() for _, work in members) / SR
+            stats["encoder_seconds"] += seconds
+            stats["audio_seconds"] += audio_seconds
             stats["encoder_calls"] += streamer.last_stats.calls
             for size in streamer.last_stats.batch_sizes:
                 stats["encoder_batch_hist"][size] += 1
                 stats["encoder_batch_max"] = max(stats["encoder_batch_max"], size)
-                if self.on_encoder_batch is not None:
-                    self.on_encoder_batch(size)
+            if self.on_encoder_step is not None:
+                self.on_encoder_step(int(streamer.chunk_ms), list(streamer.last_stats.batch_sizes), seconds,
+                                     audio_seconds)
             listening = []
             for (live, work), state, feats in zip(members, states, frames):
                 if work.final:  # a turn's end (or a speculative one): its own end-of-turn path

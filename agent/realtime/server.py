@@ -401,7 +401,16 @@ class RealtimeServer:
         self.connections = 0
         self.server = None
         self.started = time.time()
-        engine.on_encoder_batch = lambda n: self.metrics.observe("nestvox_encoder_batch_size", n, BATCH_BUCKETS)
+        engine.on_encoder_step = self._encoder_step
+
+    def _encoder_step(self, chunk_ms: int, batch_sizes, seconds: float, audio_seconds: float) -> None:
+        """Compute per chunk size (engine thread): the encoder's real-time factor is
+        nestvox_encoder_seconds_total / nestvox_encoder_audio_seconds_total per chunk_ms."""
+        label = str(chunk_ms)
+        self.metrics.inc("nestvox_encoder_seconds_total", seconds, chunk_ms=label)
+        self.metrics.inc("nestvox_encoder_audio_seconds_total", audio_seconds, chunk_ms=label)
+        for size in batch_sizes:
+            self.metrics.observe("nestvox_encoder_batch_size", size, BATCH_BUCKETS, chunk_ms=label)
 
     # -- HTTP side of the port -------------------------------------------------------
     def process_request(self, connection, request):
