@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 from pydantic import TypeAdapter
 from websockets.asyncio.client import connect
 
-from agent.realtime.server import Resampler
+from agent.realtime.connection import Resampler
 from test_server import SYSTEM, inference, recv_until, speech, start, update, with_silence  # noqa: F401
 
 SR = 16000

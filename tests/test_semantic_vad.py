@@ -1,7 +1,6 @@
 """semantic_vad over the wire: the pause a turn needs comes from the LLM's own
 end-of-turn probability, read at the pause in the engine's batched forward."""
 import asyncio
-import json
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Spoken replies over the wire: GA's response.output_audio.* from the TTS stage,
 barge-in and conversation.item.truncate, a failing TTS engine."""
-import asyncio
 import base64
 import json
 import subprocess
