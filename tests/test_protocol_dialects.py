@@ -197,6 +197,53 @@ async def test_sdk_beta_spoken_turn_at_24khz(server, inference, speech):
     assert next(e for e in events if e.type == "response.text.done").text == text
 
 
+async def test_sdk_beta_manual_commit_typed_turn_cancel_and_errors(server, inference, speech):
+    chunks = packets(speech24(speech), GA_RATE)
+    async with client(server).beta.realtime.connect(model="nestvox") as conn:
+
+        async def until(kind):
+            events = []
+            while (event := await asyncio.wait_for(conn.recv(), 60)).type != kind:
+                events.append(event)
+            return events + [event]
+
+        await until("session.created")
+        await conn.session.update(session={"instructions": SYSTEM, "turn_detection": None})
+        assert (await until("session.updated"))[-1].session.turn_detection is None
+        for chunk in chunks:
+            await conn.input_audio_buffer.append(audio=base64.b64encode(chunk).decode())
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        events = await until("response.done")
+        heard = heard_by_server(chunks, GA_RATE)
+        first = "".join(e.delta for e in events if e.type == "response.text.delta")
+        assert first == inference.generate("", audio=heard, system_prompt=SYSTEM, max_new_tokens=10)
+        # a typed turn
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "and the kitchen?"}]})
+        created = (await until("conversation.item.created"))[-1]
+        assert created.item.content[0].text == "and the kitchen?"
+        await conn.response.create(response={"max_response_output_tokens": 4})
+        events = await until("response.done")
+        messages = [{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "and the kitchen?"}]
+        assert "".join(e.delta for e in events if e.type == "response.text.delta") == inference.generate(
+            messages, audio=[heard], system_prompt=SYSTEM, max_new_tokens=4)
+        # cancel, at once
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "tell me more"}]})
+        await conn.response.create(response={"max_response_output_tokens": 4000})
+        await conn.response.cancel()
+        done = (await until("response.done"))[-1].response
+        assert done.status == "cancelled" and done.status_details.reason == "client_cancelled"
+        # an error, parsed by the SDK's beta models
+        await conn.send({"type": "session.update", "event_id": "evt_beta",
+                         "session": {"input_audio_format": "pcm16", "input_sample_rate": 12345}})
+        error = (await until("error"))[-1].error
+        assert error.code == "invalid_session_config" and error.param == "session.input_sample_rate"
+        assert error.event_id == "evt_beta" and error.type == "invalid_request_error"
+
+
 # -- GA features on a plain websocket ---------------------------------------------------------
 
 async def test_per_response_instructions_apply_to_that_response_only(server, inference):

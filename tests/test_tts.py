@@ -499,3 +499,17 @@ def test_piper_with_a_made_voice(tmp_path):
         assert rec.done.wait(10) and rec.error is None
         assert "".join(rec.pieces) == "One, two. Three!"
         assert len(rec.pcm()) / 24000 == pytest.approx(rec.stats.audio_s)
+
+
+def test_a_long_first_run_on_is_cut_early_later_ones_late():
+    from agent.tts import TextSegmenter
+
+    words = " ".join(f"word{i}" for i in range(60))  # ~400 characters, no punctuation
+    seg = TextSegmenter()
+    pieces = []
+    for k in range(0, len(words), 3):
+        pieces += seg.push(words[k:k + 3])
+    pieces += seg.flush()
+    assert "".join(pieces) == words
+    assert 40 <= len(pieces[0]) <= 66 and pieces[0].endswith(" ")  # the first audio need not wait
+    assert all(len(p) > 150 for p in pieces[1:-1])  # the rest as before: cut only past 200

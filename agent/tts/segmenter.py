@@ -2,7 +2,9 @@
 
 A piece ends after sentence punctuation (. ! ? ...), after a clause mark (, ; :) once the
 piece is at least `min_clause_chars` long (an early first piece, without chopping every
-comma), or at a line break. Punctuation counts only when followed by whitespace, so "3.5",
+comma), or at a line break. A run-on without any of these is cut at a space: the first piece
+past `first_max_chars` (so the first audio does not wait for a long unpunctuated clause), later
+ones past `max_chars`. Punctuation counts only when followed by whitespace, so "3.5",
 "1,000", "e.g." inside a word and "12:30" never cut. A piece keeps the whitespace that follows
 its punctuation, and every character lands in exactly one piece: "".join(pieces) is the text.
 """
@@ -23,10 +25,12 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc"
 class TextSegmenter:
     """`push(delta)` returns the pieces completed by `delta`; `flush()` returns the rest."""
 
-    def __init__(self, min_clause_chars: int = 25, max_chars: int = 200):
+    def __init__(self, min_clause_chars: int = 25, max_chars: int = 200, first_max_chars: int = 60):
         self.min_clause_chars = int(min_clause_chars)
         # A run-on without punctuation is cut at its last space past this length.
         self.max_chars = int(max_chars)
+        self.first_max_chars = int(first_max_chars)
+        self._first = True  # no piece returned yet
         self._buf = ""
         self._scan = 0  # positions before this were checked already and hold no cut
 
@@ -42,6 +46,7 @@ class TextSegmenter:
             out.append(self._buf[:cut])
             self._buf = self._buf[cut:]
             self._scan = 0
+            self._first = False
         return out
 
     def flush(self) -> List[str]:
@@ -85,7 +90,7 @@ class TextSegmenter:
                 continue
             i += 1
         self._scan = n
-        if n > self.max_chars:
+        if n > (self.first_max_chars if self._first else self.max_chars):
             # Cut before the last word (it may still be growing).
             m = len(buf.rstrip())
             k = m - 1
