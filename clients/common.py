@@ -843,6 +843,58 @@ async def run_text_turn(conn: Connection, text: str, *, response: Optional[dict]
             raise TurnFailed(err["code"], f"server error {describe_error(err)}", err)
 
 
+# -- the server's HTTP side (same port as the websocket) ---------------------------------
+def http_base(url: str) -> str:
+    """http(s)://host:port of a server's websocket URL (where /healthz and /metrics answer)."""
+    parts = urlsplit(with_path(url))
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
+
+
+def http_get(url: str, path: str, token: Optional[str] = None, timeout: float = 10.0) -> str:
+    """GET `path` (/metrics, /healthz) on the server of websocket `url`; ServerUnreachable if
+    nothing answers, ServerRefused on an HTTP error status."""
+    import urllib.error
+    import urllib.request
+
+    target = http_base(url) + path
+    request = urllib.request.Request(target)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as exc:
+        raise ServerRefused(f"http_{exc.code}", f"{target} answered HTTP {exc.code}") from None
+    except (OSError, ValueError) as exc:
+        raise ServerUnreachable(f"cannot reach {target} ({type(exc).__name__}: {exc}); {START_HINT}") from None
+
+
+def parse_metrics(text: str) -> Dict[str, Dict[tuple, float]]:
+    """Prometheus text format -> {name: {((label, value), ...) sorted: value}} (comments skipped)."""
+    import re
+
+    out: Dict[str, Dict[tuple, float]] = {}
+    pattern = re.compile(r'^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = pattern.match(line)
+        if not m:
+            continue
+        name, labels, value = m.groups()
+        pairs = tuple(sorted(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', labels or "")))
+        try:
+            out.setdefault(name, {})[pairs] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def metric_value(metrics: Dict[str, Dict[tuple, float]], name: str, **labels: str) -> Optional[float]:
+    """The sample of `name` with exactly these labels (None if the server does not export it)."""
+    return (metrics.get(name) or {}).get(tuple(sorted((k, str(v)) for k, v in labels.items())))
+
+
 # -- numbers and tables -----------------------------------------------------------------
 def percentile(values: Iterable[Optional[float]], q: float) -> Optional[float]:
     """Linear-interpolated percentile (numpy's default) of the non-None values; None if none."""
