@@ -155,3 +155,38 @@ def streaming_inference(streaming_checkpoint):
     from agent.ultravox import UltravoxInference
 
     return UltravoxInference(streaming_checkpoint)
+
+
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+
+
+class ServerThread:
+    """serve.build_server(...) served from its own thread and event loop."""
+
+    def __init__(self, argv):
+        self.argv = argv
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-thread", daemon=True)
+        self.server = None
+
+    async def _start(self):
+        import serve
+
+        self.server, _ = serve.build_server(serve.parse_args(self.argv))
+        await self.server.start()
+        return self.server.url
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(300)
+        return self
+
+    def connections(self) -> int:
+        return self.server.connections
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

@@ -26,42 +26,11 @@ if ROOT not in sys.path:
 from clients import common, mic  # noqa: E402
 from clients.file import send_text, stream_file  # noqa: E402
 from clients.load import run_load  # noqa: E402
-from clients.profile import profile  # noqa: E402
+from conftest import ServerThread  # noqa: E402
 
 TOKEN = "s3cret"
 STAGES = ("speech_end_to_encoder_done", "speech_end_to_first_token", "first_token_to_last_token",
           "speech_end_to_last_token")
-
-
-class ServerThread:
-    """serve.build_server(...) served from its own thread and event loop."""
-
-    def __init__(self, argv):
-        self.argv = argv
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
-        self.server = None
-
-    async def _start(self):
-        import serve
-
-        self.server, _ = serve.build_server(serve.parse_args(self.argv))
-        await self.server.start()
-        return self.server.url
-
-    def start(self) -> "ServerThread":
-        self.thread.start()
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(300)
-        return self
-
-    def connections(self) -> int:
-        return self.server.connections
-
-    def stop(self) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -331,34 +300,6 @@ async def test_unreachable_server_message(speech_wav):
     proc = await asyncio.to_thread(run_cli, "clients/file.py", speech_wav, url)
     assert proc.returncode == 1
     assert url in proc.stderr and "python serve.py" in proc.stderr and "Traceback" not in proc.stderr
-
-
-# -- profile.py -------------------------------------------------------------------------
-async def test_profile_cli_table_and_plot(server, tmp_path):
-    png = tmp_path / "profile.png"
-    proc = await asyncio.to_thread(run_cli, "clients/profile.py", "--url", server.url, "--chunks", "160,320",
-                                   "--repeats", "1", "--speed", "0", "--plot", str(png), "--json")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("chunk ms"))
-    table = [line.split() for line in lines[header + 2:header + 4]]
-    assert [row[0] for row in table] == ["160", "320"]
-    for row in table:
-        assert row[1] == "1" and all(cell != "-" for cell in row), row
-        assert [float(x) for x in row[3:]]  # numbers
-    rows = json.loads(proc.stdout[proc.stdout.index("\n[") + 1:proc.stdout.rindex("]") + 1])
-    assert [r["chunk_ms"] for r in rows] == [160, 320]
-    for r in rows:
-        assert r["error"] is None and len(r["turns"]) == 1
-        assert 0 <= r["flush"]["p50"] <= r["e2ft"]["p50"]
-        assert r["created"]["p50"] <= r["first_delta"]["p50"]
-    assert rows[0]["algorithmic_latency_ms"] < rows[1]["algorithmic_latency_ms"]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-
-
-async def test_profile_reports_refused_chunk(server, speech_wav):
-    rows = await profile(server.url, speech_wav, [100], repeats=1, speed=0)
-    assert rows[0]["turns"] == [] and "multiple of 80" in rows[0]["error"]
 
 
 # -- load.py ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -24,6 +23,7 @@ if ROOT not in sys.path:
 from clients import common  # noqa: E402
 from clients import profile as prof  # noqa: E402
 from clients.score import read_items  # noqa: E402
+from conftest import ServerThread  # noqa: E402
 
 CHUNKS = (160, 320)
 UTTERANCES = [  # reserved voices (never trained on), one request per intent
@@ -31,34 +31,6 @@ UTTERANCES = [  # reserved voices (never trained on), one request per intent
     ("en-gb-x-rp+m6", "what is seven times eight", "7 times 8 is 56.", "arithmetic"),
 ]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-class ServerThread:
-    """serve.build_server(...) served from its own thread and event loop."""
-
-    def __init__(self, argv):
-        self.argv = argv
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-profile-server", daemon=True)
-        self.server = None
-
-    async def _start(self):
-        import serve
-
-        self.server, _ = serve.build_server(serve.parse_args(self.argv))
-        await self.server.start()
-        return self.server.url
-
-    def start(self) -> "ServerThread":
-        self.thread.start()
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(300)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def run_cli(*args, timeout=180):
