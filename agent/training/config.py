@@ -52,6 +52,10 @@ Keys (dotted names are what an override uses):
   ``spec_augment`` {``freq_masks``, ``freq_width``, ``time_masks``, ``time_width``}.
 * ``eval``: ``every`` (steps), ``val_batches``, ``n_generate`` (greedy exact match),
   ``save_every``, ``keep``.
+* ``init_from``: a checkpoint folder (``OUTPUT/final``, ``agent/assets/demo_model``) to start from
+  instead of building a model: its encoder, projector, LLM and tokenizer are fine-tuned
+  (``text_model`` / ``audio_model`` shape are then ignored; an ``audio_model.att_context_size``
+  list still sets the encoder's look-aheads).
 * ``output_dir``, ``resume`` (continue from the last checkpoint in ``output_dir``).
 * ``streamify``: make a pretrained full-context ``audio_model`` (the published NEST checkpoints:
   regular attention, symmetric convolutions, ``per_feature`` normalization) streamable before
@@ -71,6 +75,7 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "output_dir": "runs/train",
     "resume": True,
+    "init_from": None,
     "text_model": "build:small",
     "tokenizer_vocab_size": 400,
     "audio_model": {

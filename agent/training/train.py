@@ -121,6 +121,32 @@ def nest_config_from_spec(spec: dict):
     return cfg
 
 
+def set_lookaheads(tower, spec: dict) -> None:
+    """Give a loaded (chunked-limited) NEST encoder the look-aheads of `spec`
+    (``att_context_size`` list + ``att_context_probs``): the live module and the config that
+    ``audio_encoder.nemo`` is saved with. A single [left, right] spec changes nothing."""
+    from omegaconf import OmegaConf
+
+    sizes = spec.get("att_context_size")
+    if not sizes or not isinstance(sizes[0], (list, tuple)):
+        return
+    from agent.nest.configs import uniform_probs
+
+    sizes = [[int(a), int(b)] for a, b in sizes]
+    probs = [float(p) for p in (spec.get("att_context_probs") or uniform_probs(len(sizes)))]
+    probs[-1] = 1.0 - sum(probs[:-1])
+    enc = tower.encoder
+    if enc.att_context_style != "chunked_limited":
+        raise ValueError("set_lookaheads needs a chunked_limited encoder (streamify a full-context one first)")
+    enc.att_context_size_all = sizes
+    enc.att_context_probs = probs
+    enc.set_default_att_context_size(sizes[0])
+    cfg = tower.nemo_cfg
+    OmegaConf.set_struct(cfg, False)
+    cfg.encoder.att_context_size = sizes
+    cfg.encoder.att_context_probs = probs
+
+
 def build_audio_tower(config: dict):
     from agent.nest import NestEncoder
 
@@ -263,6 +289,11 @@ class Trainer:
             self.step = int(self.resume_state["step"])
             self.text_pretrained = self.encoder_pretrained = True
             self.log(f"resuming from {resume_from} (step {self.step})")
+        elif config.get("init_from"):  # fine-tune a trained checkpoint (model + tokenizer) on this data
+            self.model, self.tokenizer = load_checkpoint(str(config["init_from"]))
+            if isinstance(config["audio_model"], dict):
+                set_lookaheads(self.model.audio_tower, config["audio_model"])
+            self.log(f"initialized from {config['init_from']}")
         else:
             if config["streamify"]["enabled"]:  # a pretrained full-context NEST -> a streaming student
                 from agent.training.streamify import streamify_audio_model
