@@ -1,6 +1,7 @@
 """Spoken replies over the wire: GA's response.output_audio.* from the TTS stage,
 barge-in and conversation.item.truncate, a failing TTS engine."""
 import base64
+import math
 import json
 import subprocess
 
@@ -97,7 +98,7 @@ async def test_barge_in_truncate_puts_only_what_was_heard_into_the_context(serve
             elif e["type"] == "response.output_audio.delta":
                 at += len(base64.b64decode(e["delta"])) / 2 / OUT_RATE * 1000
         assert len(starts) >= 2, "the reply should be spoken in several pieces"
-        played_ms = int(starts[1][0])  # the user barged in as the second piece began
+        played_ms = math.ceil(starts[1][0])  # the user barged in as the second piece began
         heard = starts[0][1]
         await ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": item["id"],
                                   "content_index": 0, "audio_end_ms": played_ms}))

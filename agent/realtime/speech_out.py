@@ -84,7 +84,7 @@ class SpokenReply:
         text = []
         for i, (start, piece) in enumerate(self.timeline):
             end = self.timeline[i + 1][0] if i + 1 < len(self.timeline) else self.audio_ms
-            if audio_end_ms >= end:
+            if audio_end_ms >= end - 1:  # to the ms: clients send whole ms
                 text.append(piece)
                 continue
             if audio_end_ms > start and end > start:
