@@ -183,3 +183,15 @@ async def test_speech_during_a_spoken_reply_cancels_it_and_its_audio(server, spe
         # the barge-in turn gets its own (spoken) reply
         nxt = await recv_until(ws, "response.done")
         assert "response.output_audio.delta" in [e["type"] for e in nxt]
+
+
+def test_heard_text_is_whole_pieces_then_whole_words_of_the_one_playing():
+    from agent.realtime.speech_out import SpokenReply
+
+    reply = SpokenReply("resp_1", stream=None, timeline=[(0.0, "Turning on the lights, "), (1000.0, "in the kitchen.")],
+                        audio_ms=1800.0)
+    assert reply.heard(0) == ""
+    assert reply.heard(500) == "Turning on "  # 11 of 23 characters played: the words finished by then
+    assert reply.heard(999.5) == "Turning on the lights, "
+    assert reply.heard(1400) == "Turning on the lights, in the "
+    assert reply.heard(5000) == reply.transcript == "Turning on the lights, in the kitchen."
