@@ -106,9 +106,11 @@ async def test_browser_client_talks_and_plays_the_reply(tmp_path):
 
     raw = synthesize("turn on the lights in the kitchen", str(tmp_path / "raw.wav"), rate=48000)
     mic = str(tmp_path / "mic.wav")
-    # speech, 1.1 s of silence (the VAD ends the turn, the reply starts playing), the same speech
-    # again over the reply (barge-in), then silence while the second reply plays; Chromium loops it
-    subprocess.run(["sox", raw, str(tmp_path / "pause.wav"), "pad", "0", "1.1"], check=True)
+    # speech, 1.8 s of silence (the VAD ends the turn, the reply is decoded, ~1.9 s of it starts
+    # playing), the same speech again over the reply (barge-in), then silence while the second reply
+    # plays; Chromium loops it. The gap leaves the reply's text over a second to finish on a busy
+    # machine (1.1 s was too little under CI load: the barge-in cancelled it unfinished).
+    subprocess.run(["sox", raw, str(tmp_path / "pause.wav"), "pad", "0", "1.8"], check=True)
     subprocess.run(["sox", str(tmp_path / "pause.wav"), raw, mic, "pad", "0.5", "6.0"], check=True)
     srv = await asyncio.to_thread(ServerThread(["--port", "0"]).start)
     profile = tempfile.mkdtemp()
