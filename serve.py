@@ -59,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-delay-ms", type=float, default=env("PREFILL_DELAY_MS", 1000.0),
                    help="longest a listening session's audio waits to ride along with an LLM forward that runs "
                         "anyway (decode steps, turn ends)")
+    p.add_argument("--reply-tok-s", type=float, default=env("REPLY_TOK_S", 15.0),
+                   help="while another caller's turn is open or on its way to a reply, decode replies at about "
+                        "this many tokens/s instead of flat out (speech reads ~3-4 tok/s), leaving the engine the "
+                        "headroom a turn's end needs (default 15; alone, a reply always runs flat out); 0: never paced")
     p.add_argument("--max-positions", type=int, default=env("MAX_POSITIONS", 0),
                    help="each session's LLM context budget in positions (default: the model's, at most 4096; "
                         "the KV cache of every session slot is allocated at start-up)")
@@ -195,7 +199,7 @@ def build_server(args):
                     max_sessions=args.max_sessions, llm_batching=args.llm_batching == "on",
                     offered_chunk_ms=offered, encoder_step_ms=args.encoder_step_ms,
                     prefill_delay_ms=args.prefill_delay_ms, max_positions=args.max_positions or None,
-                    speculate=args.speculation == "on")
+                    speculate=args.speculation == "on", reply_tok_s=args.reply_tok_s)
     session = SessionConfig(
         instructions=args.instructions,
         turn_detection=TurnDetectionSettings(threshold=args.vad_threshold, silence_duration_ms=args.silence_ms,

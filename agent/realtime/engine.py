@@ -69,14 +69,15 @@ def new_stats() -> dict:
     return {"ticks": 0, "errors": 0, "commands": 0, "command_lag_seconds": 0.0, "command_lag_max": 0.0, "encoder_calls": 0, "encoder_batch_hist": Counter(), "encoder_batch_max": 0,
             "busy_seconds": 0.0, "encoder_seconds": 0.0, "audio_seconds": 0.0, "vad_seconds": 0.0, "llm_forwards": 0, "llm_rows": 0, "llm_batch_max": 0,
             "llm_decode_forwards": 0, "llm_decode_rows": 0, "llm_seconds": 0.0,
-            "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0}
+            "speculations": 0, "speculation_rollbacks": 0, "speculation_hits": 0, "paced_ticks": 0}
 
 
 class Engine:
     def __init__(self, model, tokenizer, streamer, max_batch: int = 32, llm_batching: bool = True,
                  max_sessions: int = 16, offered_chunk_ms: Sequence[int] = OFFERED_CHUNK_MS,
                  max_positions: Optional[int] = None, encoder_step_ms: float = 640.0,
-                 prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01, speculate: bool = True):
+                 prefill_delay_ms: float = 1000.0, idle_wait_s: float = 0.01, speculate: bool = True,
+                 reply_tok_s: float = 0.0):
         """`streamer`: the default StreamingNestEncoder; one more is built at start-up
         for every chunk size in `offered_chunk_ms`. `max_sessions`: LLM cache slots.
         `max_positions`: each slot's context budget (default: the model's, at most
@@ -90,7 +91,15 @@ class Engine:
         session's audio groups wait for a forward that runs anyway (see _forward).
         Neither delays a turn's end: speculation runs the flush during the silence.
         `speculate`: False turns that off (server_vad then does all end-of-turn work
-        after the silence; semantic_vad still speculates: it needs the probe)."""
+        after the silence; semantic_vad still speculates: it needs the probe).
+        `reply_tok_s`: while any session's user turn is open or on its way to a reply,
+        replies decode at about this many tokens per second instead of as fast as the
+        forwards go (0: never paced). Speech is read out at ~3-4 tok/s, so a paced
+        reply still runs far ahead of its voice, and the forwards it does not run are
+        the headroom a turn's end needs to be answered on time."""
+        if reply_tok_s < 0:
+            raise ValueError(f"reply_tok_s must be >= 0 (0: unpaced), got {reply_tok_s}")
+        self.reply_tok_s = float(reply_tok_s)
         self.speculate = speculate
         if encoder_step_ms < 0:
             raise ValueError(f"encoder_step_ms must be >= 0, got {encoder_step_ms}")
@@ -506,11 +515,21 @@ class Engine:
     def _pick_tokens(self) -> bool:
         """Every replying session whose logits are ready picks its next token (its own
         sampling settings) and queues it for the next forward; new text goes out as it
-        forms."""
-        picked = False
-        for live in list(self.sessions.values()):
-            if live.replying and not live.session.llm.pending:
-                picked = True
-                if self._guard(live, live.advance_reply) and live.replying:
-                    self._decoding.add(live.id)
-        return picked
+        forms. Paced (see `reply_tok_s`): while some user turn's latency is at stake,
+        the picks wait until one reply is due (a first token always is) or other work
+        on the way to a reply runs a forward anyway; then every ready reply rides along,
+        so the decode rows stay in one forward."""
+        ready = [live for live in self.sessions.values() if live.replying and not live.session.llm.pending]
+        if not ready:
+            return False
+        if self.reply_tok_s > 0 and any(live.hearing for live in self.sessions.values()):
+            now = time.perf_counter()
+            forward_anyway = any(live.llm_urgent and not live.replying and live.session.llm.pending
+                                 for live in self.sessions.values())
+            if not forward_anyway and all(live.reply.due(self.reply_tok_s) > now for live in ready):
+                self.stats["paced_ticks"] += 1
+                return False
+        for live in ready:
+            if self._guard(live, live.advance_reply) and live.replying:
+                self._decoding.add(live.id)
+        return True

@@ -91,6 +91,14 @@ class QueuedTurn:
 class ReplyRun:
     response_id: str
     steps: Iterator[str]
+    picked: int = 0  # tokens picked so far
+    first_pick: Optional[float] = None  # perf_counter of the first pick (the engine's pacing clock)
+
+    def due(self, tok_s: float) -> float:
+        """When this reply's next pick is due at `tok_s` tokens per second (its first: now)."""
+        if self.first_pick is None:
+            return float("-inf")
+        return self.first_pick + self.picked / tok_s
 
 
 @dataclass(frozen=True)
@@ -489,8 +497,12 @@ class LiveSession:
     def advance_reply(self, to_end: bool = False) -> bool:
         """One token of the running reply (or all of it); True while it runs on."""
         while self.phase is Phase.REPLYING:
+            reply = self.reply
+            if reply.first_pick is None:
+                reply.first_pick = time.perf_counter()
+            reply.picked += 1
             try:
-                delta = next(self.reply.steps)
+                delta = next(reply.steps)
             except StopIteration:
                 self.finish_reply()
                 return False
@@ -525,6 +537,12 @@ class LiveSession:
     @property
     def replying(self) -> bool:
         return self.phase is Phase.REPLYING
+
+    @property
+    def hearing(self) -> bool:
+        """A user turn of this session is open or on its way to a reply: its latency is
+        at stake (the engine paces other sessions' replies meanwhile)."""
+        return self.phase in (Phase.LISTENING, Phase.SPECULATING, Phase.ENDING, Phase.WAITING)
 
     @property
     def llm_urgent(self) -> bool:
