@@ -13,14 +13,14 @@ DEBS := espeak-ng sox libsndfile1 libportaudio2 chromium
 .PHONY: run test setup debs clean demo-model
 
 # Reproduce the embedded demo model (agent/assets/demo_model): synthetic speech, training, copy.
-# Under an hour on 2 CPU cores (synthesis ~3 min alone, 13 min shared; training 40 min); see README "Training the demo model". DEMO_COPY=0 trains into
+# Under an hour on 2 CPU cores (synthesis ~3 min alone, 13 min shared; training 25 min); see README "Training the demo model". DEMO_COPY=0 trains into
 # DEMO_RUN without replacing agent/assets/demo_model (score it first, then copy DEMO_RUN/final).
 DATA ?= .cache/data/home
 DEMO_RUN ?= runs/demo
 DEMO_COPY ?= 1
 DEMO_NICE ?= 0
 # The demo model is fine-tuned from the previous one (configs/demo.yaml init_from), pinned here.
-DEMO_INIT_REV ?= 59bdd2156b944d96c0330b55b6a1bd01cdd73918
+DEMO_INIT_REV ?= f56f3d5e15cbe6d911cdf11986d445c4d1ead3a4
 
 setup: debs $(STAMP)
 
