@@ -4,7 +4,6 @@ same words; with nobody else talking they run unpaced."""
 import asyncio
 import time
 
-import numpy as np
 import pytest
 
 from agent.realtime.config import SessionConfig
