@@ -282,7 +282,7 @@ def decode(args) -> None:
     header = f"{'sessions':>8} | {'batched ms/step':>15} {'agg tok/s':>9} | {'round-robin ms/round':>20} {'agg tok/s':>9} | ratio"
     print("\n" + header + "\n" + "-" * len(header))
     for n, batched, rr, agg_b, agg_rr in rows:
-        print(f"{n:>8} | {1000 * batched:>15.1f} {agg_b:>9.1f} | {1000 * rr:>20.1f} {agg_rr:>9.1f} | {agg_b / agg_rr:5.2f}x")
+        print(f"{n:>8} | {1000 * batched:>15.2f} {agg_b:>9.1f} | {1000 * rr:>20.2f} {agg_rr:>9.1f} | {agg_b / agg_rr:5.2f}x")
 
 
 def main(argv=None) -> None:
