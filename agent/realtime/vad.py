@@ -93,13 +93,22 @@ class SileroNet(nn.Module):
         return net.eval()
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.decide(self.features(x), state)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 64 + 512] windows -> [N, 128]: the stateless part (STFT + convolutions), so
+        every window of every stream can run in one call; only the LSTM chains."""
         x = F.pad(x, (0, CONTEXT), mode="reflect").unsqueeze(1)
         spec = F.conv1d(x, self.stft_basis, stride=128)
         half = spec.shape[1] // 2
         x = torch.sqrt(spec[:, :half] ** 2 + spec[:, half:] ** 2)
         for conv in self.convs:
             x = F.relu(conv(x))
-        h, c = self.rnn(x.squeeze(-1), (state[0], state[1]))
+        return x.squeeze(-1)
+
+    def decide(self, feats: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One LSTM step: features [B, 128], state [2, B, 128] -> (probability [B], new state)."""
+        h, c = self.rnn(feats, (state[0], state[1]))
         prob = torch.sigmoid(self.head(F.relu(h).unsqueeze(-1))).squeeze(1).mean(dim=1)
         return prob, torch.stack([h, c])
 
@@ -163,50 +172,49 @@ class SileroVad:
         prob, rnn = self.net(torch.cat([context, windows], dim=1), rnn)
         return prob, rnn, windows[:, -CONTEXT:].clone()
 
-    @torch.no_grad()
     def process(self, stream: VadStream, audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """Feed a packet; returns the probabilities of the windows it completed (float32,
         possibly empty). `stream.samples` then counts the samples those windows covered."""
         if sample_rate != SAMPLE_RATE:
             raise ValueError(f"the VAD takes {SAMPLE_RATE} Hz audio, got {sample_rate} Hz: resample first")
-        audio = as_float_audio(audio)
-        buf = np.concatenate([stream.pending, audio]) if len(stream.pending) else audio
-        n = len(buf) // WINDOW
-        stream.pending = buf[n * WINDOW:].copy()
-        if n == 0:
-            return np.zeros(0, np.float32)
-        windows = torch.from_numpy(np.ascontiguousarray(buf[: n * WINDOW])).view(n, WINDOW)
-        probs = np.empty(n, np.float32)
-        for k in range(n):  # the LSTM state chains window to window
-            p, stream.rnn, stream.context = self.step(windows[k : k + 1], stream.rnn, stream.context)
-            probs[k] = float(p[0])
-        stream.samples += n * WINDOW
-        return probs
+        return self.process_batch([stream], [audio])[0]
 
     @torch.no_grad()
     def process_batch(self, streams: Sequence[VadStream], audios: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """`process` for many streams at once: the k-th new window of every stream
-        that has one runs in one batched call, so a tick costs as many network
-        steps as the most windows any one stream completed, not their sum."""
-        bufs, counts = [], []
+        """`process` for many streams at once. A window's input (its 512 samples and the 64
+        before them) is known from the audio alone, so the convolutions of every new window
+        of every stream run in one call; then the k-th windows of the streams that have one
+        take their LSTM step together. A tick costs one convolution call and as many small
+        LSTM steps as the most windows any one stream completed."""
+        windows, counts = [], []
         for stream, audio in zip(streams, audios):
             audio = as_float_audio(audio)
             buf = np.concatenate([stream.pending, audio]) if len(stream.pending) else audio
             n = len(buf) // WINDOW
             stream.pending = buf[n * WINDOW:].copy()
-            bufs.append(buf)
             counts.append(n)
+            if n:
+                flat = torch.cat([stream.context[0], torch.from_numpy(np.ascontiguousarray(buf[: n * WINDOW]))])
+                windows.append(flat.unfold(0, CONTEXT + WINDOW, WINDOW))  # [n, 576], each with its context
+                stream.context = flat[-CONTEXT:].clone().view(1, CONTEXT)
+            else:
+                windows.append(None)
         probs = [np.empty(n, np.float32) for n in counts]
-        for k in range(max(counts, default=0)):
-            rows = [i for i, n in enumerate(counts) if n > k]
-            windows = torch.from_numpy(np.stack([bufs[i][k * WINDOW:(k + 1) * WINDOW] for i in rows]))
-            rnn = torch.cat([streams[i].rnn for i in rows], dim=1)
-            context = torch.cat([streams[i].context for i in rows])
-            p, rnn, context = self.step(windows, rnn, context)
+        # Streams by window count, most first: the streams with a k-th window are then a
+        # prefix, so each LSTM step reads and writes one slice of the batched state.
+        rows = sorted((i for i, n in enumerate(counts) if n), key=lambda i: -counts[i])
+        if rows:
+            live = [sum(1 for i in rows if counts[i] > k) for k in range(counts[rows[0]])]
+            feats = self.net.features(torch.cat([windows[i][k: k + 1] for k, m in enumerate(live) for i in rows[:m]]))
+            state = torch.cat([streams[i].rnn for i in rows], dim=1)
+            at = 0
+            for k, m in enumerate(live):
+                p, state[:, :m] = self.net.decide(feats[at: at + m], state[:, :m])
+                at += m
+                for i, pi in zip(rows[:m], p.tolist()):
+                    probs[i][k] = pi
             for j, i in enumerate(rows):
-                probs[i][k] = float(p[j])
-                streams[i].rnn = rnn[:, j: j + 1].clone()
-                streams[i].context = context[j: j + 1]
+                streams[i].rnn = state[:, j: j + 1].clone()
         for stream, n in zip(streams, counts):
             stream.samples += n * WINDOW
         return probs
