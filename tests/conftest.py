@@ -104,6 +104,13 @@ def speech(speech_wav) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def trimmed_speech(speech) -> np.ndarray:
+    """`speech` without espeak's padding silence: the tests add the silence they mean."""
+    loud = np.flatnonzero(np.abs(speech) > 1e-3)
+    return speech[loud[0]: loud[-1] + 1].astype(np.float32)
+
+
+@pytest.fixture(scope="session")
 def two_phrases(tmp_path_factory):
     """Two spoken phrases, each trimmed of espeak's padding silence (so a pause the
     tests put between them is exactly theirs)."""
@@ -155,6 +162,12 @@ def streaming_inference(streaming_checkpoint):
     from agent.ultravox import UltravoxInference
 
     return UltravoxInference(streaming_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def inference(streaming_inference):
+    """The model the server and engine tests serve (a module may bring its own)."""
+    return streaming_inference
 
 
 import asyncio  # noqa: E402

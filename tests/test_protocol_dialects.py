@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from websockets.asyncio.client import connect
 
 from agent.realtime.connection import Resampler
-from test_server import SYSTEM, inference, recv_until, speech, start, update, with_silence  # noqa: F401
+from server_helpers import SYSTEM, recv_until, start, update, with_silence
 
 SR = 16000
 GA_RATE = 24000
@@ -32,8 +32,8 @@ def client(srv) -> AsyncOpenAI:
     return AsyncOpenAI(api_key="unused", websocket_base_url=f"ws://127.0.0.1:{srv.config.port}/v1")
 
 
-def speech24(speech) -> np.ndarray:
-    return soxr.resample(with_silence(speech), SR, GA_RATE).astype(np.float32)
+def speech24(trimmed_speech) -> np.ndarray:
+    return soxr.resample(with_silence(trimmed_speech), SR, GA_RATE).astype(np.float32)
 
 
 def packets(audio: np.ndarray, rate: int):
@@ -88,8 +88,8 @@ def expected_reply(inference, heard: np.ndarray, events) -> str:
 
 # -- the official SDK, GA ----------------------------------------------------------------
 
-async def test_sdk_ga_spoken_turn_with_server_vad_at_24khz(server, inference, speech):
-    chunks = packets(speech24(speech), GA_RATE)
+async def test_sdk_ga_spoken_turn_with_server_vad_at_24khz(server, inference, trimmed_speech):
+    chunks = packets(speech24(trimmed_speech), GA_RATE)
     async with client(server).realtime.connect(model="nestvox") as conn:
         created = await ga_events_until(conn, "session.created")
         session = created[-1].session
@@ -124,8 +124,8 @@ async def test_sdk_ga_spoken_turn_with_server_vad_at_24khz(server, inference, sp
     assert len({e.event_id for e in events}) == len(events)
 
 
-async def test_sdk_ga_manual_commit_typed_turn_cancel_and_errors(server, inference, speech):
-    chunks = packets(speech24(speech), GA_RATE)
+async def test_sdk_ga_manual_commit_typed_turn_cancel_and_errors(server, inference, trimmed_speech):
+    chunks = packets(speech24(trimmed_speech), GA_RATE)
     async with client(server).realtime.connect(model="nestvox") as conn:
         await ga_events_until(conn, "session.created")
         await conn.session.update(session={"type": "realtime", "instructions": SYSTEM,
@@ -177,8 +177,8 @@ async def test_sdk_ga_manual_commit_typed_turn_cancel_and_errors(server, inferen
 
 # -- the official SDK, beta -----------------------------------------------------------------
 
-async def test_sdk_beta_spoken_turn_at_24khz(server, inference, speech):
-    chunks = packets(speech24(speech), GA_RATE)
+async def test_sdk_beta_spoken_turn_at_24khz(server, inference, trimmed_speech):
+    chunks = packets(speech24(trimmed_speech), GA_RATE)
     async with client(server).beta.realtime.connect(model="nestvox") as conn:
         created = await conn.recv()
         assert created.type == "session.created" and created.session.input_audio_format == "pcm16"
@@ -197,8 +197,8 @@ async def test_sdk_beta_spoken_turn_at_24khz(server, inference, speech):
     assert next(e for e in events if e.type == "response.text.done").text == text
 
 
-async def test_sdk_beta_manual_commit_typed_turn_cancel_and_errors(server, inference, speech):
-    chunks = packets(speech24(speech), GA_RATE)
+async def test_sdk_beta_manual_commit_typed_turn_cancel_and_errors(server, inference, trimmed_speech):
+    chunks = packets(speech24(trimmed_speech), GA_RATE)
     async with client(server).beta.realtime.connect(model="nestvox") as conn:
 
         async def until(kind):
@@ -300,10 +300,10 @@ async def test_delete_the_latest_reply_and_regenerate(server, inference):
         assert (await recv_until(ws, "error"))[-1]["error"]["code"] == "response_not_possible"
 
 
-async def test_g711_mu_law_input(server, inference, speech):
+async def test_g711_mu_law_input(server, inference, trimmed_speech):
     import audioop  # the standard library's codec, deprecated but present in 3.11: the reference here
 
-    audio8 = soxr.resample(with_silence(speech), SR, 8000).astype(np.float32)
+    audio8 = soxr.resample(with_silence(trimmed_speech), SR, 8000).astype(np.float32)
     pcm = (np.clip(audio8, -1, 1) * 32767).astype("<i2").tobytes()
     ulaw = audioop.lin2ulaw(pcm, 2)
     async with connect(server.url) as ws:

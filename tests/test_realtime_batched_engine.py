@@ -8,19 +8,7 @@ import pytest
 
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
-from agent.realtime.turns import TurnDetectionSettings
-from agent.realtime.wire import BetaEvents
-
-to_wire = BetaEvents().to_wire  # the engine tests read the (stateless) beta shape
-
-SR = 16000
-SYSTEM = "Answer briefly."
-MANUAL = TurnDetectionSettings(mode="manual")
-
-
-@pytest.fixture(scope="module")
-def inference(streaming_inference):
-    return streaming_inference
+from engine_helpers import MANUAL, SR, SYSTEM, manual_turn, reply_text, until
 
 
 @pytest.fixture(scope="module")
@@ -31,28 +19,6 @@ def engine(inference):
                  max_sessions=10).start()
     yield eng
     eng.stop()
-
-
-async def until(handle, kind, timeout=120):
-    seen = []
-    while True:
-        for event in to_wire(await handle.next_event(timeout)):
-            seen.append(event)
-            if event["type"] == kind:
-                return seen
-
-
-def reply_text(events):
-    return "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
-
-
-async def manual_turn(handle, audio, packet=1280):
-    for i in range(0, len(audio), packet):
-        handle.append_audio(audio[i:i + packet])
-        await asyncio.sleep(0)
-    handle.commit()
-    handle.create_response()
-    return reply_text(await until(handle, "response.done"))
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])

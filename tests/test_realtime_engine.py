@@ -6,17 +6,8 @@ import pytest
 
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
-from agent.realtime.wire import BetaEvents
-
-to_wire = BetaEvents().to_wire  # the engine tests read the (stateless) beta shape
 from agent.realtime.turns import TurnDetectionSettings
-
-SR = 16000
-
-
-@pytest.fixture(scope="module")
-def inference(streaming_inference):
-    return streaming_inference
+from engine_helpers import SR, to_wire, until
 
 
 @pytest.fixture()
@@ -50,15 +41,6 @@ async def next_wire(handle, timeout):
     return to_wire(await handle.next_event(timeout))[-1]
 
 
-async def events_until(handle, kind, timeout=60):
-    seen = []
-    while True:
-        for event in to_wire(await handle.next_event(timeout)):
-            seen.append(event)
-            if event["type"] == kind:
-                return seen
-
-
 def config(**kw):
     base = dict(instructions="Answer briefly.", max_response_output_tokens=12)
     base.update(kw)
@@ -68,7 +50,7 @@ def config(**kw):
 async def test_server_vad_turn_gets_the_offline_reply(engine, inference, utterance):
     handle = engine.open_session(config=config())
     send_in_packets(handle, utterance, seed=0)
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     types = [e["type"] for e in events]
     assert types.count("input_audio_buffer.speech_started") == 1  # the 300 ms pause did not end the turn
     assert types.count("input_audio_buffer.speech_stopped") == 1
@@ -92,12 +74,12 @@ async def test_manual_commit_then_response_create(engine, inference, utterance):
     audio = utterance[: int(2.5 * SR)]
     send_in_packets(handle, audio, seed=1)
     handle.commit()
-    events = await events_until(handle, "input_audio_buffer.committed")
+    events = await until(handle, "input_audio_buffer.committed")
     assert not any(e["type"].startswith("response") for e in events)
     with pytest.raises(asyncio.TimeoutError):
         await handle.next_event(0.3)  # nothing happens until the client asks
     handle.create_response()
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     assert text == inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
     handle.commit()  # nothing new to commit
@@ -109,15 +91,15 @@ async def test_manual_commit_then_response_create(engine, inference, utterance):
 async def test_barge_in_cancels_the_running_reply(engine, utterance):
     handle = engine.open_session(config=config(max_response_output_tokens=3000))
     send_in_packets(handle, utterance, seed=2)
-    await events_until(handle, "response.text.delta")
+    await until(handle, "response.text.delta")
     send_in_packets(handle, utterance, seed=3)  # the user talks over the reply
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     done = events[-1]["response"]
     assert done["status"] == "cancelled"
     assert done["usage"]["output_tokens"] < 3000
     assert any(e["type"] == "input_audio_buffer.speech_started" for e in events)
     # the new turn proceeds to its own reply
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     assert any(e["type"] == "input_audio_buffer.committed" for e in events)
     handle.close()
 
@@ -136,7 +118,7 @@ async def three_interleaved_callers(engine, inference, utterance):
         h.create_response()
     expected = inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
     for h in handles:
-        events = await events_until(h, "response.done")
+        events = await until(h, "response.done")
         assert "".join(e["delta"] for e in events if e["type"] == "response.text.delta") == expected
         h.close()
 
@@ -157,7 +139,7 @@ async def test_speculative_end_of_turn_is_rolled_back_in_a_pause_and_confirmed_a
     for i in range(0, len(utterance), packet):
         handle.append_audio(utterance[i:i + packet])
         await asyncio.sleep(0.02)
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     assert engine.stats["speculation_rollbacks"] - before["speculation_rollbacks"] >= 1
     assert engine.stats["speculation_hits"] - before["speculation_hits"] == 1
     start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
@@ -191,14 +173,14 @@ async def test_audio_arriving_during_a_reply_starts_the_next_turn_after_it(engin
     handle.append_audio(first)
     handle.commit()
     handle.create_response()
-    await events_until(handle, "response.created")
+    await until(handle, "response.created")
     handle.append_audio(second)
     handle.commit()
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     reply1 = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
-    await events_until(handle, "input_audio_buffer.committed")
+    await until(handle, "input_audio_buffer.committed")
     handle.create_response()
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     reply2 = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     messages = [{"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": reply1},
                 {"role": "user", "content": "<|audio|>"}]
@@ -226,7 +208,7 @@ async def test_an_encoder_failure_drops_the_turn_and_the_engine_goes_on(engine, 
     handle.append_audio(audio)
     handle.commit()
     handle.create_response()
-    events = await events_until(handle, "response.done")
+    events = await until(handle, "response.done")
     text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
     assert text == inference.generate("", audio=audio, system_prompt="Answer briefly.", max_new_tokens=12)
     handle.close()

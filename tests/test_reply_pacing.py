@@ -8,13 +8,7 @@ import pytest
 
 from agent.realtime.config import SessionConfig
 from agent.realtime.engine import Engine
-from agent.realtime.turns import TurnDetectionSettings
-from agent.realtime.wire import BetaEvents
-
-to_wire = BetaEvents().to_wire
-SR = 16000
-SYSTEM = "Answer briefly."
-MANUAL = TurnDetectionSettings(mode="manual")
+from engine_helpers import MANUAL, SYSTEM, to_wire
 PACE = 25.0
 TOKENS = 30
 

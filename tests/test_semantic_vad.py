@@ -8,7 +8,7 @@ import torch
 from websockets.asyncio.client import connect
 
 from agent.realtime.turns import semantic_silence_ms
-from test_server import SYSTEM, inference, opened, pcm16, recv_until, speech, start, update  # noqa: F401
+from server_helpers import SYSTEM, opened, pcm16, recv_until, start, update
 
 SR = 16000
 
@@ -43,8 +43,8 @@ async def paced(ws, audio: np.ndarray, packet_ms=40, speedup=4.0):
 
 
 @pytest.mark.parametrize("eagerness", ["high"])
-async def test_semantic_vad_ends_the_turn_after_the_pause_the_model_asks_for(server, inference, speech, eagerness):
-    audio = np.concatenate([np.zeros(SR // 5, np.float32), speech, np.zeros(int(2.6 * SR), np.float32)])
+async def test_semantic_vad_ends_the_turn_after_the_pause_the_model_asks_for(server, inference, trimmed_speech, eagerness):
+    audio = np.concatenate([np.zeros(SR // 5, np.float32), trimmed_speech, np.zeros(int(2.6 * SR), np.float32)])
     async with connect(server.url) as ws:
         await opened(ws)
         await ws.send(update(audio={"input": {"turn_detection": {"type": "semantic_vad", "eagerness": eagerness}}}))

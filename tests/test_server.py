@@ -10,49 +10,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent.realtime.config import SessionConfig
-from agent.realtime.engine import Engine
-from agent.realtime.server import RealtimeServer, ServerConfig
-
-SR = 16000
-SYSTEM = "Answer briefly."
-
-
-@pytest.fixture(scope="module")
-def inference(streaming_inference):
-    return streaming_inference
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    from conftest import read_wav, synthesize
-
-    a, _ = read_wav(synthesize("turn on the lights in the kitchen", str(tmp_path_factory.mktemp("s") / "a.wav")))
-    loud = np.flatnonzero(np.abs(a) > 1e-3)
-    return a[loud[0]: loud[-1] + 1].astype(np.float32)
-
-
-def with_silence(audio, seconds=1.0):
-    return np.concatenate([np.zeros(int(0.2 * SR), np.float32), audio, np.zeros(int(seconds * SR), np.float32)])
-
-
-def pcm16(audio) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-
-
-async def send_audio(ws, audio, packet=3200):
-    data = pcm16(audio)
-    for i in range(0, len(data), packet):  # frames under the server's message limit
-        await ws.send(data[i:i + packet])
-
-
-async def start(inference, **overrides):
-    from agent.nest.streaming import StreamingNestEncoder
-
-    overrides.setdefault("session", SessionConfig(instructions=SYSTEM, max_response_output_tokens=10))
-    config = ServerConfig(port=0, **overrides)
-    engine = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower))
-    return await RealtimeServer(engine, config, model_name="tiny-test").start()
+from server_helpers import (RATE16, SR, SYSTEM, opened, pcm16, recv_until, reply_text, send_audio, spoken_turn,
+                            start, turn_audio, update, with_silence)
 
 
 @pytest.fixture()
@@ -62,62 +21,10 @@ async def server(inference):
     await srv.stop()
 
 
-def update(**session) -> str:
-    return json.dumps({"type": "session.update", "session": {"type": "realtime", **session}})
-
-
-RATE16 = {"audio": {"input": {"format": {"type": "audio/pcm", "rate": SR}}}}
-
-
-async def opened(ws, rate=SR) -> dict:
-    """session.created, then the input rate set to `rate` (GA's default is 24 kHz); session.updated."""
-    created = json.loads(await ws.recv())
-    assert created["type"] == "session.created"
-    await ws.send(update(audio={"input": {"format": {"type": "audio/pcm", "rate": rate}}}))
-    return (await recv_until(ws, "session.updated"))[-1]
-
-
-async def recv_until(ws, kind, timeout=60):
-    events = []
-    while True:
-        event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        events.append(event)
-        if event["type"] == kind:
-            return events
-
-
-def reply_text(events):
-    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
-
-
-def turn_audio(events, audio):
-    start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_sample"]
-    end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["turn_end_sample"]
-    return audio[start:end]
-
-
-async def spoken_turn(url, audio, inference, binary=True, packet=640):
-    """One server-VAD turn; returns (events, the offline reply for the turn's audio)."""
-    async with connect(url) as ws:
-        await opened(ws)
-        data = pcm16(audio)
-        for i in range(0, len(data), packet):
-            piece = data[i:i + packet]
-            if binary:
-                await ws.send(piece)
-            else:
-                await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                          "audio": base64.b64encode(piece).decode()}))
-        events = await recv_until(ws, "response.done")
-    quantized = np.frombuffer(data, "<i2").astype(np.float32) / 32768
-    expected = inference.generate("", audio=turn_audio(events, quantized), system_prompt=SYSTEM, max_new_tokens=10)
-    return events, expected
-
-
 # -- the happy paths ---------------------------------------------------------------
 
-async def test_spoken_turn_gets_deltas_and_latencies(server, inference, speech):
-    events, expected = await spoken_turn(server.url, with_silence(speech), inference)
+async def test_spoken_turn_gets_deltas_and_latencies(server, inference, trimmed_speech):
+    events, expected = await spoken_turn(server.url, with_silence(trimmed_speech), inference)
     types = [e["type"] for e in events]
     for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                  "input_audio_buffer.committed", "conversation.item.added", "response.created",
@@ -133,17 +40,17 @@ async def test_spoken_turn_gets_deltas_and_latencies(server, inference, speech):
     assert latency["speech_end_to_last_token"] >= latency["speech_end_to_first_token"]
 
 
-async def test_json_base64_and_binary_audio_give_the_same_reply(server, inference, speech):
-    binary, _ = await spoken_turn(server.url, with_silence(speech), inference, binary=True)
-    textual, _ = await spoken_turn(server.url, with_silence(speech), inference, binary=False)
+async def test_json_base64_and_binary_audio_give_the_same_reply(server, inference, trimmed_speech):
+    binary, _ = await spoken_turn(server.url, with_silence(trimmed_speech), inference, binary=True)
+    textual, _ = await spoken_turn(server.url, with_silence(trimmed_speech), inference, binary=False)
     assert reply_text(binary) == reply_text(textual) != ""
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])
-async def test_other_sample_rates_are_resampled(server, speech, rate):
+async def test_other_sample_rates_are_resampled(server, trimmed_speech, rate):
     import soxr
 
-    audio = soxr.resample(with_silence(speech), SR, rate).astype(np.float32)
+    audio = soxr.resample(with_silence(trimmed_speech), SR, rate).astype(np.float32)
     async with connect(server.url) as ws:
         updated = await opened(ws, rate)
         assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": rate}
@@ -154,35 +61,35 @@ async def test_other_sample_rates_are_resampled(server, speech, rate):
     start = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")["audio_start_ms"]
     end = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")["audio_end_ms"]
     # speech was found where it is: 200 ms in, lasting as long as the utterance (in 16 kHz time)
-    assert abs(end - start - 300 - 1000 * len(speech) / SR) < 200
+    assert abs(end - start - 300 - 1000 * len(trimmed_speech) / SR) < 200
     assert reply_text(events)
 
 
-async def test_manual_commit_mode(server, inference, speech):
+async def test_manual_commit_mode(server, inference, trimmed_speech):
     async with connect(server.url) as ws:
         await opened(ws)
         await ws.send(update(audio={"input": {"turn_detection": None}}))
         updated = (await recv_until(ws, "session.updated"))[-1]
         assert updated["session"]["audio"]["input"]["turn_detection"] is None
-        await send_audio(ws, speech)
+        await send_audio(ws, trimmed_speech)
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         await ws.send(json.dumps({"type": "response.create"}))
         events = await recv_until(ws, "response.done")
     assert "input_audio_buffer.speech_started" not in [e["type"] for e in events]
-    quantized = np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768
+    quantized = np.frombuffer(pcm16(trimmed_speech), "<i2").astype(np.float32) / 32768
     assert reply_text(events) == inference.generate("", audio=quantized, system_prompt=SYSTEM, max_new_tokens=10)
 
 
-async def test_barge_in_over_the_wire(server, speech):
+async def test_barge_in_over_the_wire(server, trimmed_speech):
     async with connect(server.url) as ws:
         await opened(ws)
         await ws.send(update(max_output_tokens=3000))
         await recv_until(ws, "session.updated")
-        await send_audio(ws, with_silence(speech))
+        await send_audio(ws, with_silence(trimmed_speech))
         await recv_until(ws, "response.output_text.delta")
         # the running reply keeps its settings; the next one will be short
         await ws.send(update(max_output_tokens=10))
-        await send_audio(ws, with_silence(speech))  # the user talks over the reply
+        await send_audio(ws, with_silence(trimmed_speech))  # the user talks over the reply
         events = await recv_until(ws, "response.done")
         assert events[-1]["response"]["status"] == "cancelled"
         assert events[-1]["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
@@ -190,15 +97,15 @@ async def test_barge_in_over_the_wire(server, speech):
         assert "input_audio_buffer.committed" in [e["type"] for e in events]
 
 
-async def test_second_turn_reuses_the_conversation(server, inference, speech):
+async def test_second_turn_reuses_the_conversation(server, inference, trimmed_speech):
     async with connect(server.url) as ws:
         await opened(ws)
-        await send_audio(ws, with_silence(speech))
+        await send_audio(ws, with_silence(trimmed_speech))
         first = await recv_until(ws, "response.done")
-        second_audio = speech[::-1].copy()
+        second_audio = trimmed_speech[::-1].copy()
         await send_audio(ws, with_silence(second_audio))
         second = await recv_until(ws, "response.done")
-    quantized = np.frombuffer(pcm16(with_silence(speech)), "<i2").astype(np.float32) / 32768
+    quantized = np.frombuffer(pcm16(with_silence(trimmed_speech)), "<i2").astype(np.float32) / 32768
     quantized2 = np.frombuffer(pcm16(with_silence(second_audio)), "<i2").astype(np.float32) / 32768
     # sample positions count from the start of the connection's audio
     a1, a2 = turn_audio(first, quantized), turn_audio(second, np.concatenate([quantized, quantized2]))
@@ -219,10 +126,10 @@ async def test_second_turn_reuses_the_conversation(server, inference, speech):
     assert [e["previous_item_id"] for e in added] == [None] + [e["item"]["id"] for e in added[:-1]]
 
 
-async def test_healthz_and_metrics(server, inference, speech):
+async def test_healthz_and_metrics(server, inference, trimmed_speech):
     import urllib.request
 
-    await spoken_turn(server.url, with_silence(speech), inference)
+    await spoken_turn(server.url, with_silence(trimmed_speech), inference)
     base = server.url.replace("ws://", "http://").replace("/v1/realtime", "")
     loop = asyncio.get_running_loop()
     health = json.loads(await loop.run_in_executor(None, lambda: urllib.request.urlopen(base + "/healthz").read()))
@@ -265,8 +172,8 @@ BAD_INPUTS = [
 ]
 
 
-async def test_bad_messages_get_errors_and_others_keep_working(server, inference, speech):
-    bystander = asyncio.create_task(spoken_turn(server.url, with_silence(speech), inference))
+async def test_bad_messages_get_errors_and_others_keep_working(server, inference, trimmed_speech):
+    bystander = asyncio.create_task(spoken_turn(server.url, with_silence(trimmed_speech), inference))
     async with connect(server.url) as ws:
         await ws.recv()
         for message, code in BAD_INPUTS:
@@ -281,23 +188,23 @@ async def test_bad_messages_get_errors_and_others_keep_working(server, inference
     assert reply_text(events) == expected
 
 
-async def test_audio_before_session_update_when_required(inference, speech):
+async def test_audio_before_session_update_when_required(inference, trimmed_speech):
     srv = await start(inference, require_session_update=True)
     try:
         async with connect(srv.url) as ws:
             await ws.recv()
-            await send_audio(ws, speech[:3200])
+            await send_audio(ws, trimmed_speech[:3200])
             event = json.loads(await ws.recv())
             assert event["error"]["code"] == "session_update_required"
             await ws.send(update(**RATE16))
             await recv_until(ws, "session.updated")
-            await send_audio(ws, with_silence(speech))
+            await send_audio(ws, with_silence(trimmed_speech))
             assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
     finally:
         await srv.stop()
 
 
-async def test_token_and_origin_checks(inference, speech):
+async def test_token_and_origin_checks(inference, trimmed_speech):
     srv = await start(inference, auth_token="s3cret", allowed_origins=["https://app.example"])
     try:
         with pytest.raises(InvalidStatus) as info:
@@ -319,18 +226,18 @@ async def test_token_and_origin_checks(inference, speech):
             assert json.loads(await ws.recv())["type"] == "session.created"
             await ws.send(update(**RATE16))
             await recv_until(ws, "session.updated")
-            await send_audio(ws, with_silence(speech))
+            await send_audio(ws, with_silence(trimmed_speech))
             assert (await recv_until(ws, "response.done"))[-1]["type"] == "response.done"
     finally:
         await srv.stop()
 
 
-async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(inference, speech):
+async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(inference, trimmed_speech):
     srv = await start(inference, max_sessions=2)
     try:
         first = await connect(srv.url)
         await opened(first)
-        await send_audio(first, speech[: len(speech) // 2])  # mid-turn ...
+        await send_audio(first, trimmed_speech[: len(trimmed_speech) // 2])  # mid-turn ...
         second = await connect(srv.url)
         await second.recv()
         third = await connect(srv.url)
@@ -345,7 +252,7 @@ async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(in
                 break
             await asyncio.sleep(0.05)
         assert srv.connections == 1 and srv.engine.active_sessions == 1  # its session was freed
-        events, expected = await spoken_turn(srv.url, with_silence(speech), inference)  # a free slot again
+        events, expected = await spoken_turn(srv.url, with_silence(trimmed_speech), inference)  # a free slot again
         assert reply_text(events) == expected
         await second.close()
         assert "nestvox_sessions_rejected_total{reason=\"full\"} 1" in srv.metrics.render()
@@ -353,7 +260,7 @@ async def test_max_sessions_refusal_and_disconnect_mid_turn_frees_the_session(in
         await srv.stop()
 
 
-async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, speech):
+async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, trimmed_speech):
     rng = np.random.default_rng(0)
     valid = [update(nestvox={"temperature": 0.5}),
              json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 80).decode()}),
@@ -396,14 +303,14 @@ async def test_fuzzed_frames_do_not_disturb_another_session(server, inference, s
         return sent
 
     fuzzer = asyncio.create_task(fuzz())
-    events, expected = await spoken_turn(server.url, with_silence(speech), inference)
+    events, expected = await spoken_turn(server.url, with_silence(trimmed_speech), inference)
     assert reply_text(events) == expected
     assert await fuzzer >= 1000
-    events, expected = await spoken_turn(server.url, with_silence(speech), inference)  # still up afterwards
+    events, expected = await spoken_turn(server.url, with_silence(trimmed_speech), inference)  # still up afterwards
     assert reply_text(events) == expected
 
 
-async def test_max_turn_length_and_idle_timeout(inference, speech):
+async def test_max_turn_length_and_idle_timeout(inference, trimmed_speech):
     from agent.realtime.config import SessionConfig
 
     srv = await start(inference, idle_timeout_s=1.5,
@@ -411,7 +318,7 @@ async def test_max_turn_length_and_idle_timeout(inference, speech):
     try:
         async with connect(srv.url) as ws:
             await opened(ws)
-            await send_audio(ws, speech)  # ~2 s of speech, no pause: longer than the 1 s limit
+            await send_audio(ws, trimmed_speech)  # ~2 s of speech, no pause: longer than the 1 s limit
             events = await recv_until(ws, "response.done")
             types = [e["type"] for e in events]
             error = next(e for e in events if e["type"] == "error")

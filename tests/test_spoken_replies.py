@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from test_server import SYSTEM, inference, recv_until, speech, start, update  # noqa: F401
+from server_helpers import SYSTEM, recv_until, start, update
 
 OUT_RATE = 24000
 AUDIO = {"output_modalities": ["audio"],
@@ -162,8 +162,8 @@ async def test_voice_and_dialect_checks(server):
         assert "GA dialect" in error["message"]
 
 
-async def test_speech_during_a_spoken_reply_cancels_it_and_its_audio(server, speech):
-    from test_server import RATE16, send_audio, with_silence
+async def test_speech_during_a_spoken_reply_cancels_it_and_its_audio(server, trimmed_speech):
+    from server_helpers import RATE16, send_audio, with_silence
 
     async with connect(server.url) as ws:
         await recv_until(ws, "session.created")
@@ -171,7 +171,7 @@ async def test_speech_during_a_spoken_reply_cancels_it_and_its_audio(server, spe
         await recv_until(ws, "session.updated")
         await typed(ws, "tell me a story", max_output_tokens=3000)
         first = await recv_until(ws, "response.output_audio.delta")
-        await send_audio(ws, with_silence(speech))  # the user talks over the reply
+        await send_audio(ws, with_silence(trimmed_speech))  # the user talks over the reply
         events = first + await recv_until(ws, "response.done")
         kinds = [e["type"] for e in events]
         done = events[-1]["response"]

@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from clients import turns_bench
-from test_server import start  # noqa: F401
+from server_helpers import start
 
 
 def manifest(tmp_path):
