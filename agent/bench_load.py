@@ -247,10 +247,14 @@ def numeric_stats(engine) -> Dict[str, float]:
 
 
 def engine_kwargs(engine_cls, mode: str, streams: int, max_batch: Optional[int],
-                  max_positions: Optional[int] = None) -> Optional[dict]:
+                  max_positions: Optional[int] = None, reply_tok_s: float = 0.0) -> Optional[dict]:
     """Constructor keywords for `mode`, or None if this Engine cannot run it."""
     params = inspect.signature(engine_cls.__init__).parameters
     kwargs = {"max_batch": max_batch or max(streams, 1)}
+    if reply_tok_s:
+        if "reply_tok_s" not in params:
+            raise ValueError("this Engine has no reply pacing (reply_tok_s): run without --reply-tok-s")
+        kwargs["reply_tok_s"] = reply_tok_s
     if "max_sessions" in params:  # LLM cache slots: one per stream
         kwargs["max_sessions"] = max(streams, 1)
     if max_positions is not None and "max_positions" in params:
@@ -480,12 +484,12 @@ def summarize(run: dict, *, mode: str, streams: int, budget_ms: float, silence_m
 
 def run_one(model, tokenizer, streamer, utterances, note, *, mode: str, streams: int, duration: float,
             budget_ms: float, silence_ms: int, max_batch: Optional[int], max_tokens: int,
-            instructions: Optional[str], max_positions: Optional[int] = None,
+            instructions: Optional[str], max_positions: Optional[int] = None, reply_tok_s: float = 0.0,
             verbose: bool = True) -> Optional[dict]:
     """One engine, one mode, `streams` streams; None if this Engine has no such mode."""
     from agent.realtime.engine import Engine
 
-    kwargs = engine_kwargs(Engine, mode, streams, max_batch, max_positions)
+    kwargs = engine_kwargs(Engine, mode, streams, max_batch, max_positions, reply_tok_s)
     if kwargs is None:
         return None
     if "offered_chunk_ms" in inspect.signature(Engine.__init__).parameters:
@@ -601,7 +605,8 @@ def ratios(results: Sequence[dict]) -> Dict[int, Optional[float]]:
 def run_load(model, tokenizer, streamer, *, streams: Sequence[int], duration: float,
              modes: Sequence[str] = MODES, budget_ms: float = 1000.0, silence_ms: int = 500,
              max_batch: Optional[int] = None, max_tokens: int = 64, instructions: Optional[str] = None,
-             max_positions: Optional[int] = None, utterances=None, warm: bool = True, verbose: bool = True) -> dict:
+             max_positions: Optional[int] = None, reply_tok_s: float = 0.0, utterances=None, warm: bool = True,
+             verbose: bool = True) -> dict:
     """The whole benchmark on a model already built; returns the report dict
     (results per mode and N, ratios, notes)."""
     from agent.realtime.engine import Engine
@@ -628,11 +633,12 @@ def run_load(model, tokenizer, streamer, *, streams: Sequence[int], duration: fl
         for mode in modes:
             r = run_one(model, tokenizer, streamer, utterances, note, mode=mode, streams=n, duration=duration,
                         budget_ms=budget_ms, silence_ms=silence_ms, max_batch=max_batch, max_tokens=max_tokens,
-                        instructions=instructions, max_positions=max_positions, verbose=verbose)
+                        instructions=instructions, max_positions=max_positions, reply_tok_s=reply_tok_s,
+                        verbose=verbose)
             if r is not None:
                 results.append(r)
     return {"streams": list(streams), "duration_s": duration, "modes": [r for r in modes], "budget_ms": budget_ms,
-            "silence_ms": silence_ms, "max_tokens": max_tokens, "utterance_s": [round(u.size / SR, 2) for u in utterances],
+            "silence_ms": silence_ms, "max_tokens": max_tokens, "reply_tok_s": reply_tok_s, "utterance_s": [round(u.size / SR, 2) for u in utterances],
             "speech": "espeak-ng" if note is None else "speech_like", "notes": notes,
             "results": results, "ratios": {str(k): v for k, v in ratios(results).items()}}
 
@@ -650,14 +656,18 @@ def load(args) -> dict:
         raise SystemExit(f"--mode: choose from {','.join(MODES)}; got {bad}")
     if args.duration <= 0:
         raise SystemExit("--duration must be > 0 seconds")
+    if args.reply_tok_s < 0:
+        raise SystemExit(f"--reply-tok-s must be >= 0 (0: unpaced); got {args.reply_tok_s:g}")
     inference, tokenizer, streamer, params = build_streaming(args)
     print(f"NEST {args.nest} streaming ({streamer.describe()}), LLM {args.llm} ({params:.0f}M params), "
           f"{describe_device(inference.model)}, {torch.get_num_threads()} threads; streams {streams}, "
-          f"{args.duration:g} s each, modes {modes}, budget {args.budget_ms:g} ms + {args.silence_ms} ms VAD silence",
+          f"{args.duration:g} s each, modes {modes}, replies "
+          f"{'paced at %g tok/s' % args.reply_tok_s if args.reply_tok_s else 'unpaced'}, budget {args.budget_ms:g} ms + {args.silence_ms} ms VAD silence",
           flush=True)
     report = run_load(inference.model, tokenizer, streamer, streams=streams, duration=args.duration, modes=modes,
                       budget_ms=args.budget_ms, silence_ms=args.silence_ms, max_batch=args.max_batch,
-                      max_tokens=args.max_tokens, max_positions=args.max_positions, warm=not args.no_warm_up)
+                      max_tokens=args.max_tokens, max_positions=args.max_positions, reply_tok_s=args.reply_tok_s,
+                      warm=not args.no_warm_up)
     report.update({"nest": args.nest, "llm": args.llm, "device": args.device, "dtype": args.dtype,
                    "chunk_ms": int(round(streamer.chunk_ms)), "threads": torch.get_num_threads()})
     print("\n" + format_table(report["results"]))
@@ -697,5 +707,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="Engine max_batch (default: N)")
     p.add_argument("--max-positions", type=int, default=None,
                    help="each session's LLM context (Engine max_positions; default: the engine's)")
+    p.add_argument("--reply-tok-s", type=float, default=0.0,
+                   help="Engine reply_tok_s: pace replies while another stream's turn is open (serve.py's default "
+                        "is 15; default here 0, unpaced, so the decode throughput is what is measured)")
     p.add_argument("--no-warm-up", action="store_true", help="skip the one-turn warm-up before the runs")
     p.add_argument("--json", default=None, help="write the report here")

@@ -87,13 +87,17 @@ def test_cli_honours_streams_duration_device_and_json(tiny, tmp_path, monkeypatc
     out = tmp_path / "load.json"
     bench.main(["load", "--nest", "tiny", "--llm", "tiny", "--device", "cpu", "--dtype", "float32",
                 "--streams", "1,3", "--duration", "1.5", "--mode", "round-robin", "--no-warm-up",
-                "--json", str(out)])
+                "--reply-tok-s", "20", "--json", str(out)])
     assert calls == [("tiny", "tiny", 4, 64, "cpu", "float32")]
     report = json.loads(out.read_text())
     assert [(r["mode"], r["streams"], r["duration_s"]) for r in report["results"]] == \
         [("round-robin", 1, 1.5), ("round-robin", 3, 1.5)]
     for r in report["results"]:  # too short for a turn (speech + silence + budget): none started
         assert r["turns"] == 0 and 1.5 <= r["elapsed_s"] <= 1.5 + 0.5
+        assert r["engine_kwargs"]["reply_tok_s"] == 20.0  # the pace reached the engine
+    assert report["reply_tok_s"] == 20.0
+    with pytest.raises(SystemExit, match="reply-tok-s"):
+        bench.main(["load", "--reply-tok-s", "-1"])
     with pytest.raises(SystemExit):
         bench.main(["load", "--device", "tpu"])
     with pytest.raises(SystemExit):
