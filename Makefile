@@ -13,7 +13,7 @@ DEBS := espeak-ng sox libsndfile1 libportaudio2 chromium
 .PHONY: run test setup debs clean demo-model
 
 # Reproduce the embedded demo model (agent/assets/demo_model): synthetic speech, training, copy.
-# Under an hour on 2 CPU cores (synthesis ~3 min alone, 13 min shared; training 25 min); see README "Training the demo model". DEMO_COPY=0 trains into
+# Under an hour on 2 CPU cores (synthesis ~3 min alone, 13 min shared; training 45 min); see README "Training the demo model". DEMO_COPY=0 trains into
 # DEMO_RUN without replacing agent/assets/demo_model (score it first, then copy DEMO_RUN/final).
 DATA ?= .cache/data/home
 DEMO_RUN ?= runs/demo
