@@ -346,3 +346,18 @@ async def test_beta_dialect_by_query_parameter(server):
         await ws.send(json.dumps({"type": "session.update", "session": {"nestvox": {"chunk_ms": 320}}}))
         error = (await recv_until(ws, "error"))[-1]["error"]
         assert error["code"] == "invalid_session_config" and error["param"] == "session.nestvox"
+
+
+def test_pcm_rates_in_and_out_are_checked_separately():
+    """Input takes every listed rate (resampled); output only the rates the TTS path writes."""
+    import pydantic
+
+    from agent.realtime.schema import INPUT_RATES, OUTPUT_RATES, OutputPCMFormat, PCMFormat
+
+    assert PCMFormat(rate=32000).rate == 32000 and OutputPCMFormat(rate=48000).rate == 48000
+    assert PCMFormat().rate == OutputPCMFormat().rate == 24000
+    for rate in set(INPUT_RATES) - set(OUTPUT_RATES):  # 11025, 32000: in only
+        with pytest.raises(pydantic.ValidationError):
+            OutputPCMFormat(rate=rate)
+    with pytest.raises(pydantic.ValidationError):
+        PCMFormat(rate=12345)

@@ -149,13 +149,12 @@ class AudioInput(Strict):
         return data
 
 
-class OutputPCMFormat(Strict):
-    type: Literal["audio/pcm"] = "audio/pcm"
-    rate: int = 24000
+class OutputPCMFormat(PCMFormat):
+    """PCM out: the same fields, checked against the output rates."""
 
     @field_validator("rate")
     @classmethod
-    def _known(cls, v):
+    def _known(cls, v):  # overrides PCMFormat's input-rate check
         return _rate(v, OUTPUT_RATES)
 
 
