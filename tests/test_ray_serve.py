@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from agent.realtime import ray_serve
+from server_helpers import pcm16, recv_until
 
 SR = 16000
 SYSTEM = "Answer briefly."
@@ -54,10 +55,6 @@ def speech(tmp_path_factory):
     return np.concatenate([np.zeros(int(0.2 * SR), np.float32), a, np.zeros(SR, np.float32)])
 
 
-def pcm16(audio) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-
-
 async def get_json(url):
     loop = asyncio.get_running_loop()
     return json.loads(await loop.run_in_executor(None, lambda: urllib.request.urlopen(url, timeout=30).read()))
@@ -84,15 +81,6 @@ app_ref = [None]
 @pytest.fixture(autouse=True)
 def _app_ref(app):
     app_ref[0] = app
-
-
-async def recv_until(ws, kind, timeout=60):
-    events = []
-    while True:
-        event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        events.append(event)
-        if event["type"] == kind:
-            return events
 
 
 def reply_text(events):  # both dialects: response.output_text.delta (GA) / response.text.delta (beta)

@@ -28,19 +28,13 @@ from livekit.agents import llm as lk_llm  # noqa: E402
 from openai.types.realtime.realtime_audio_input_turn_detection import ServerVad  # noqa: E402
 
 from agent.realtime.config import SessionConfig  # noqa: E402
-from agent.realtime.engine import Engine  # noqa: E402
-from agent.realtime.server import RealtimeServer, ServerConfig  # noqa: E402
+from server_helpers import recv_until, start  # noqa: E402
 
 RATE = 24000  # LiveKit's (and GA's) PCM rate
 SR = 16000  # the model's
 SYSTEM = "Answer briefly."
 MAX_TOKENS = 10
 FRAME = RATE // 50  # 20 ms frames, as a LiveKit room track delivers them
-
-
-@pytest.fixture(scope="module")
-def inference(streaming_inference):
-    return streaming_inference
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +59,7 @@ def with_silence(samples: np.ndarray, seconds: float = 1.0) -> np.ndarray:
 
 @pytest.fixture()
 async def server(inference):
-    from agent.nest.streaming import StreamingNestEncoder
-
-    config = ServerConfig(port=0, session=SessionConfig(instructions=SYSTEM, max_response_output_tokens=MAX_TOKENS))
-    engine = Engine(inference.model, inference.tokenizer, StreamingNestEncoder(inference.model.audio_tower))
-    srv = await RealtimeServer(engine, config, model_name="tiny-test").start()
+    srv = await start(inference, session=SessionConfig(instructions=SYSTEM, max_response_output_tokens=MAX_TOKENS))
     yield srv
     await srv.stop()
 
@@ -126,15 +116,6 @@ async def livekit_turn(url: str, samples: np.ndarray, server_vad: bool):
         await model.aclose()
     assert not errors, errors
     return text, [e for e in sent if e.get("type") != "input_audio_buffer.append"], received
-
-
-async def recv_until(ws, kind, timeout=60):
-    events = []
-    while True:
-        event = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-        events.append(event)
-        if event["type"] == kind:
-            return events
 
 
 async def plain_turn(url: str, samples: np.ndarray, turn_detection) -> list:
